@@ -1,0 +1,14 @@
+//! Updraft's wire vocabulary, shared by the server and (later) the device agent.
+//!
+//! Pure data and validation, no I/O: ARNs, identifier rules, job and execution
+//! states with their transition table, and the `afr_ota` job document that
+//! CreateOTAUpdate generates.
+
+pub mod arn;
+pub mod ids;
+pub mod job;
+pub mod otadoc;
+
+pub use arn::{Arn, ArnError, ResourceKind};
+pub use ids::IdError;
+pub use job::{ExecutionStatus, JobStatus, TargetSelection, TransitionError};

@@ -1,0 +1,165 @@
+//! The one HTTP listener: authenticates every request with SigV4 and dispatches on the
+//! service named in its credential scope (the iot and iot-jobs-data routes collide, so
+//! the path alone cannot tell them apart).
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::auth::{self, AuthError, Claim, SignedRequest};
+use crate::error::{ApiError, ErrorCode};
+use crate::server::AppState;
+
+/// Largest control-plane request body (job documents are ≤ 32 KiB).
+pub const MAX_API_BODY: usize = 1024 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", axum::routing::get(health))
+        .fallback(dispatch)
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// First path segments of the control-plane services; anything else is S3 (path style).
+const API_ROOTS: &[&str] = &[
+    "things",
+    "thing-groups",
+    "jobs",
+    "streams",
+    "otaUpdates",
+    "endpoint",
+    "keys-and-certificate",
+    "certificates",
+    "certificate",
+    "policies",
+    "target-policies",
+    "signing-profiles",
+    "signing-jobs",
+    "signing-platforms",
+    "greengrass",
+];
+
+fn looks_like_s3(path: &str) -> bool {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    !API_ROOTS.contains(&first)
+}
+
+/// A control-plane request after authentication.
+pub struct ApiRequest {
+    pub service: String,
+    pub method: Method,
+    /// Decoded path segments.
+    pub segments: Vec<String>,
+    pub query: Vec<(String, String)>,
+    pub headers: axum::http::HeaderMap,
+    pub body: Bytes,
+}
+
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut resp = dispatch_inner(state, req).await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-amzn-RequestId", v.clone());
+        resp.headers_mut().insert("x-amz-request-id", v);
+    }
+    resp
+}
+
+fn auth_error(e: &AuthError, s3: bool) -> Response {
+    if s3 {
+        let code = match e {
+            AuthError::Missing => "AccessDenied",
+            AuthError::Malformed(_) => "AuthorizationHeaderMalformed",
+            AuthError::UnknownKey(_) => "InvalidAccessKeyId",
+            AuthError::SignatureMismatch => "SignatureDoesNotMatch",
+            AuthError::Stale(_) => "RequestTimeTooSkewed",
+            AuthError::Expired => "AccessDenied",
+        };
+        return crate::s3::S3Error::new(StatusCode::FORBIDDEN, code, e.to_string()).into_response();
+    }
+    let code = match e {
+        AuthError::Missing => ErrorCode::MissingAuthenticationToken,
+        AuthError::Malformed(_) => ErrorCode::IncompleteSignature,
+        AuthError::UnknownKey(_) => ErrorCode::UnrecognizedClient,
+        AuthError::SignatureMismatch | AuthError::Stale(_) | AuthError::Expired => {
+            ErrorCode::InvalidSignature
+        }
+    };
+    ApiError::new(code, e.to_string()).into_response()
+}
+
+async fn dispatch_inner(state: AppState, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let raw_path = parts.uri.path().to_owned();
+    let raw_query = parts.uri.query().unwrap_or("").to_owned();
+    let signed = SignedRequest {
+        method: &parts.method,
+        raw_path: &raw_path,
+        raw_query: &raw_query,
+        headers: &parts.headers,
+    };
+    let claim = match Claim::from_request(&signed) {
+        Ok(c) => c,
+        Err(e) => return auth_error(&e, looks_like_s3(&raw_path)),
+    };
+    let now = crate::clock::now_ms();
+    if claim.service == "s3" {
+        let principal = match auth::verify(&signed, &claim, &state.keys, None, now) {
+            Ok(p) => p,
+            Err(e) => return auth_error(&e, true),
+        };
+        return crate::s3::handle(&state, &principal, parts, body).await;
+    }
+    let body = match axum::body::to_bytes(body, MAX_API_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::invalid(format!("request body exceeds {MAX_API_BODY} bytes"))
+                .into_response();
+        }
+    };
+    let body_hash = hex::encode(Sha256::digest(&body));
+    if let Err(e) = auth::verify(&signed, &claim, &state.keys, Some(&body_hash), now) {
+        return auth_error(&e, false);
+    }
+    let segments: Vec<String> = raw_path
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(auth::percent_decode)
+        .collect();
+    let api = ApiRequest {
+        service: claim.service.clone(),
+        method: parts.method,
+        segments,
+        query: auth::query_pairs(&raw_query),
+        headers: parts.headers,
+        body,
+    };
+    let result = match api.service.as_str() {
+        "iot" => crate::iot::handle(&state, &api).await,
+        other => Err(ApiError::new(
+            ErrorCode::NotImplemented,
+            format!("Updraft does not serve the '{other}' service"),
+        )),
+    };
+    match result {
+        Ok(value) => json_response(value),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A 200 response with a JSON body.
+pub fn json_response(value: serde_json::Value) -> Response {
+    let mut resp = Response::new(Body::from(value.to_string()));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp
+}

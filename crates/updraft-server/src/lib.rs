@@ -1,0 +1,13 @@
+//! The Updraft server: AWS IoT's OTA control plane, an S3-compatible artifact
+//! endpoint, and the store they share. See `docs/ARCHITECTURE.md`.
+
+pub mod artifacts;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod iot;
+pub mod s3;
+pub mod server;
+pub mod store;

@@ -1,0 +1,242 @@
+//! `updraft serve`: opens the store and artifact store, makes sure the installation has
+//! an account id and access keys, binds the listener and serves until shut down.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::artifacts::{ArtifactError, Artifacts};
+use crate::auth::KeyRing;
+use crate::config::ServerConfig;
+use crate::store::{SqlStore, Store, StoreError};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Artifacts(#[from] ArtifactError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub artifacts: Artifacts,
+    pub keys: Arc<KeyRing>,
+    pub account: String,
+    pub region: String,
+    /// Where request bodies are spooled before they are committed.
+    pub spool_dir: PathBuf,
+}
+
+impl AppState {
+    /// An IoT ARN in this installation.
+    pub fn arn(&self, kind: updraft_protocol::ResourceKind, name: &str) -> String {
+        updraft_protocol::Arn::new(&self.region, &self.account, kind, name).to_string()
+    }
+}
+
+/// Installation-wide identity, created on first start.
+pub struct Identity {
+    pub account: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // The OS RNG is always available on the platforms Updraft runs on.
+    getrandom::fill(&mut b).unwrap_or_else(|e| panic!("no OS randomness: {e}"));
+    b
+}
+
+fn random_string(alphabet: &[u8], len: usize) -> String {
+    let bytes = random_bytes::<64>();
+    bytes
+        .iter()
+        .take(len)
+        .map(|b| alphabet[usize::from(*b) % alphabet.len()] as char)
+        .collect()
+}
+
+/// Reads the installation identity from the store, creating it on first start.
+pub async fn ensure_identity(store: &dyn Store) -> Result<Identity, StoreError> {
+    let mut account = random_string(b"0123456789", 12);
+    if account.starts_with('0') {
+        account.replace_range(0..1, "1");
+    }
+    let account = store.init_setting("account_id", &account).await?;
+    let access_key = store
+        .init_setting(
+            "access_key_id",
+            &format!(
+                "AKUD{}",
+                random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16)
+            ),
+        )
+        .await?;
+    let secret_key = store
+        .init_setting(
+            "secret_access_key",
+            &random_string(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+                40,
+            ),
+        )
+        .await?;
+    Ok(Identity {
+        account,
+        access_key,
+        secret_key,
+    })
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), ServeError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ServeError::Io {
+        what: "cannot write",
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(&tmp).map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+/// Writes `credentials` (0600) and `config` for the `aws` CLI under profile `updraft`.
+fn write_client_files(dir: &Path, id: &Identity, region: &str) -> Result<(), ServeError> {
+    write_private(
+        &dir.join("credentials"),
+        &format!(
+            "[updraft]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            id.access_key, id.secret_key
+        ),
+    )?;
+    write_private(
+        &dir.join("config"),
+        &format!("[profile updraft]\nregion = {region}\noutput = json\n"),
+    )?;
+    Ok(())
+}
+
+/// A server that is bound and ready; [`Server::run`] serves until `shutdown` resolves.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    pub http_addr: SocketAddr,
+}
+
+impl Server {
+    pub async fn start(config: &ServerConfig) -> Result<Server, ServeError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
+            what: "cannot create data directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let spool_dir = dir.join("spool");
+        // Spooled bodies of interrupted requests are garbage: start clean.
+        let _ = std::fs::remove_dir_all(&spool_dir);
+        std::fs::create_dir_all(&spool_dir).map_err(|source| ServeError::Io {
+            what: "cannot create spool directory",
+            path: spool_dir.clone(),
+            source,
+        })?;
+        let store = SqlStore::connect(&config.database).await?;
+        let identity = ensure_identity(&store).await?;
+        write_client_files(dir, &identity, &config.region)?;
+        let artifacts = Artifacts::from_url(&config.artifacts)?;
+        let listener = TcpListener::bind(config.http)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.http,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: config.http,
+            source,
+        })?;
+        let endpoints = serde_json::json!({ "http": format!("http://{http_addr}") });
+        write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
+        tracing::info!(%http_addr, database = %redact(&config.database), artifacts = ?artifacts, "updraft is listening");
+        let state = AppState {
+            store: Arc::new(store),
+            artifacts,
+            keys: Arc::new(KeyRing::new([(identity.access_key, identity.secret_key)])),
+            account: identity.account,
+            region: config.region.clone(),
+            spool_dir,
+        };
+        Ok(Server {
+            listener,
+            state,
+            http_addr,
+        })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let app = crate::http::router(self.state);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Io {
+                what: "server failed on",
+                path: PathBuf::from(self.http_addr.to_string()),
+                source,
+            })
+    }
+}
+
+/// A database URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..s], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(super::redact("sqlite:///x"), "sqlite:///x");
+    }
+}
