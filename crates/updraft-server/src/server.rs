@@ -190,6 +190,10 @@ impl Server {
             region: config.region.clone(),
             spool_dir,
         };
+        let resumed = crate::iot::ota::resume_pending(&state).await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resuming the creation of OTA updates left pending");
+        }
         Ok(Server {
             listener,
             state,

@@ -1,0 +1,992 @@
+//! One conformance suite for every `Store` backend: each case runs on SQLite and on
+//! PostgreSQL. PostgreSQL comes from `UPDRAFT_TEST_POSTGRES_URL` or, failing that, a
+//! throw-away cluster started with `scripts/pg-temp.sh`. Under `CI=true` a missing
+//! PostgreSQL fails the suite; elsewhere its cases are skipped with a notice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use updraft_protocol::job::OtaUpdateStatus;
+use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
+use updraft_server::store::*;
+
+// ------------------------------------------------------------------ backends
+
+async fn sqlite_store() -> Option<(SqlStore, tempdir::Guard)> {
+    let dir = tempdir::Guard::new();
+    let url = format!("sqlite://{}/t.db", dir.path.display());
+    Some((SqlStore::connect(&url).await.expect("sqlite store"), dir))
+}
+
+/// The admin URL of the shared test PostgreSQL, started once per test binary.
+fn postgres_admin_url() -> Option<String> {
+    static URL: OnceLock<Option<String>> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("UPDRAFT_TEST_POSTGRES_URL") {
+            return Some(url);
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/pg-temp.sh");
+        let dir = std::env::temp_dir().join(format!("updraft-pg-{}", std::process::id()));
+        let out = std::process::Command::new(script)
+            .arg("start")
+            .arg(&dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let url = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+                // Stop the cluster when the test binary exits.
+                tempdir::register_pg(script, dir);
+                Some(url)
+            }
+            Ok(o) => {
+                eprintln!(
+                    "could not start PostgreSQL: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("could not run {script}: {e}");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+async fn postgres_store() -> Option<(SqlStore, tempdir::Guard)> {
+    let Some(admin) = postgres_admin_url() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "PostgreSQL is required under CI=true but could not be started"
+        );
+        eprintln!(
+            "PostgreSQL unavailable: skipping (set UPDRAFT_TEST_POSTGRES_URL or install postgresql)"
+        );
+        return None;
+    };
+    let db = format!("conf_{}", uuid::Uuid::new_v4().simple());
+    sqlx::any::install_default_drivers();
+    let admin_pool = sqlx::AnyPool::connect(&admin)
+        .await
+        .expect("admin connection");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&admin_pool)
+        .await
+        .expect("create database");
+    admin_pool.close().await;
+    let url = match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => panic!("bad admin url {admin}"),
+    };
+    Some((
+        SqlStore::connect(&url).await.expect("postgres store"),
+        tempdir::Guard::new(),
+    ))
+}
+
+mod tempdir {
+    use std::path::PathBuf;
+
+    pub struct Guard {
+        pub path: PathBuf,
+    }
+
+    impl Guard {
+        pub fn new() -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("updraft-conf-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&path).expect("temp dir");
+            Guard { path }
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+
+    /// Stops the cluster once this test process has exited: a watchdog shell waits for it.
+    pub fn register_pg(script: &str, dir: PathBuf) {
+        let watchdog = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; '{script}' stop '{dir}'",
+            pid = std::process::id(),
+            dir = dir.display()
+        );
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(watchdog)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+}
+
+// ------------------------------------------------------------------ fixtures
+
+fn thing(name: &str) -> Thing {
+    Thing {
+        name: name.into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        type_name: None,
+        attributes: BTreeMap::from([("hw".to_owned(), "v1".to_owned())]),
+        version: 1,
+        created_ms: 1_000,
+    }
+}
+
+fn group(name: &str, parent: Option<&str>) -> ThingGroup {
+    ThingGroup {
+        name: name.into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        parent: parent.map(str::to_owned),
+        description: None,
+        attributes: BTreeMap::new(),
+        version: 1,
+        created_ms: 1_000,
+    }
+}
+
+fn job(id: &str, selection: TargetSelection, targets: &[&str]) -> Job {
+    Job {
+        id: id.into(),
+        status: JobStatus::InProgress,
+        target_selection: selection,
+        targets: targets.iter().map(|s| (*s).to_owned()).collect(),
+        description: None,
+        document: "{}".into(),
+        document_source: None,
+        namespace_id: None,
+        details: serde_json::Map::new(),
+        force_canceled: false,
+        reason_code: None,
+        comment: None,
+        created_ms: 1_000,
+        updated_ms: 1_000,
+        completed_ms: None,
+        version: 1,
+    }
+}
+
+fn execution(job: &str, thing: &str) -> JobExecution {
+    JobExecution {
+        job_id: job.into(),
+        thing_name: thing.into(),
+        execution_number: 1,
+        status: ExecutionStatus::Queued,
+        force_canceled: false,
+        status_details: BTreeMap::new(),
+        queued_ms: 1_000,
+        started_ms: None,
+        updated_ms: 1_000,
+        version: 1,
+        retry_attempt: 0,
+    }
+}
+
+fn object(bucket: &str, key: &str, version: &str, blob: &str) -> ObjectVersion {
+    ObjectVersion {
+        bucket: bucket.into(),
+        key: key.into(),
+        version_id: version.into(),
+        delete_marker: false,
+        size: 3,
+        etag: "\"e\"".into(),
+        content_type: Some("application/octet-stream".into()),
+        checksum: Some(StoredChecksum {
+            algorithm: "crc32".into(),
+            value: "AAAAAA==".into(),
+        }),
+        metadata: BTreeMap::new(),
+        blob: blob.into(),
+        created_ms: 1_000,
+        is_latest: true,
+    }
+}
+
+fn page(limit: usize) -> PageRequest {
+    PageRequest { after: None, limit }
+}
+
+/// Collects every page of a listing.
+async fn all_pages<T, F, Fut>(limit: usize, mut f: F) -> Vec<T>
+where
+    F: FnMut(PageRequest) -> Fut,
+    Fut: std::future::Future<Output = StoreResult<Page<T>>>,
+{
+    let mut out = Vec::new();
+    let mut req = page(limit);
+    for _ in 0..1000 {
+        let p = f(req.clone()).await.expect("page");
+        assert!(p.items.len() <= limit);
+        out.extend(p.items);
+        match p.next {
+            Some(n) => req.after = Some(n),
+            None => return out,
+        }
+    }
+    panic!("pagination did not terminate");
+}
+
+// ------------------------------------------------------------------ cases
+
+async fn settings_are_created_once(s: Arc<dyn Store>) {
+    assert_eq!(s.get_setting("k").await.expect("get"), None);
+    assert_eq!(s.init_setting("k", "a").await.expect("init"), "a");
+    assert_eq!(s.init_setting("k", "b").await.expect("init again"), "a");
+    assert_eq!(s.get_setting("k").await.expect("get").as_deref(), Some("a"));
+}
+
+async fn things_crud_versions_and_listing(s: Arc<dyn Store>) {
+    for i in 0..7 {
+        s.create_thing(&thing(&format!("t{i}")))
+            .await
+            .expect("create");
+    }
+    assert!(matches!(
+        s.create_thing(&thing("t0")).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let names: Vec<String> = all_pages(3, |p| {
+        let s = s.clone();
+        async move { s.list_things(&ThingFilter::default(), &p).await }
+    })
+    .await
+    .into_iter()
+    .map(|t| t.name)
+    .collect();
+    assert_eq!(names, (0..7).map(|i| format!("t{i}")).collect::<Vec<_>>());
+
+    let mut t = s.get_thing("t1").await.expect("get").expect("exists");
+    t.attributes.insert("hw".into(), "v2".into());
+    assert!(matches!(
+        s.update_thing(&t, Some(5)).await,
+        Err(StoreError::VersionConflict(_))
+    ));
+    let updated = s.update_thing(&t, Some(1)).await.expect("update");
+    assert_eq!(updated.version, 2);
+    let filter = ThingFilter {
+        attribute_name: Some("hw".into()),
+        attribute_value: Some("v2".into()),
+        ..ThingFilter::default()
+    };
+    let found = s.list_things(&filter, &page(10)).await.expect("filter");
+    assert_eq!(
+        found
+            .items
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>(),
+        ["t1"]
+    );
+    let prefix = ThingFilter {
+        attribute_name: Some("hw".into()),
+        attribute_value: Some("v".into()),
+        use_prefix_attribute_value: true,
+        ..ThingFilter::default()
+    };
+    assert_eq!(
+        s.list_things(&prefix, &page(100))
+            .await
+            .expect("prefix")
+            .items
+            .len(),
+        7
+    );
+
+    assert!(matches!(
+        s.delete_thing("t1", Some(1)).await,
+        Err(StoreError::VersionConflict(_))
+    ));
+    s.delete_thing("t1", Some(2)).await.expect("delete");
+    s.delete_thing("t1", None)
+        .await
+        .expect("deleting a missing thing succeeds");
+    assert!(s.get_thing("t1").await.expect("get").is_none());
+}
+
+async fn concurrent_writers_use_optimistic_versions(s: Arc<dyn Store>) {
+    s.create_thing(&thing("race")).await.expect("create");
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = thing("race");
+            t.attributes.insert("writer".into(), i.to_string());
+            s.update_thing(&t, Some(1)).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(_) => ok += 1,
+            Err(StoreError::VersionConflict(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one writer wins");
+    assert_eq!(
+        s.get_thing("race")
+            .await
+            .expect("get")
+            .expect("exists")
+            .version,
+        2
+    );
+}
+
+async fn groups_hierarchy_and_membership(s: Arc<dyn Store>) {
+    for t in ["a", "b", "c", "d"] {
+        s.create_thing(&thing(t)).await.expect("thing");
+    }
+    s.create_thing_group(&group("root", None))
+        .await
+        .expect("root");
+    s.create_thing_group(&group("child", Some("root")))
+        .await
+        .expect("child");
+    s.create_thing_group(&group("grandchild", Some("child")))
+        .await
+        .expect("grandchild");
+    assert!(matches!(
+        s.create_thing_group(&group("orphan", Some("missing")))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.add_thing_to_group("root", "a").await.expect("add");
+    s.add_thing_to_group("root", "a")
+        .await
+        .expect("add twice is a no-op");
+    s.add_thing_to_group("child", "b").await.expect("add");
+    s.add_thing_to_group("grandchild", "c").await.expect("add");
+    s.add_thing_to_group("grandchild", "a").await.expect("add");
+    assert!(matches!(
+        s.add_thing_to_group("root", "zz").await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let direct = s
+        .list_things_in_group("root", false, &page(10))
+        .await
+        .expect("direct");
+    assert_eq!(direct.items, ["a"]);
+    let all: Vec<String> = all_pages(2, |p| {
+        let s = s.clone();
+        async move { s.list_things_in_group("root", true, &p).await }
+    })
+    .await;
+    assert_eq!(all, ["a", "b", "c"]);
+
+    let recursive = GroupFilter {
+        parent_group: Some("root".into()),
+        recursive: true,
+        ..GroupFilter::default()
+    };
+    let names: Vec<String> = s
+        .list_thing_groups(&recursive, &page(10))
+        .await
+        .expect("groups")
+        .items
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(names, ["child", "grandchild"]);
+    let for_a: Vec<String> = s
+        .list_groups_for_thing("a", &page(10))
+        .await
+        .expect("for thing")
+        .items
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(for_a, ["grandchild", "root"]);
+
+    assert!(matches!(
+        s.delete_thing_group("child", None).await,
+        Err(StoreError::Invalid(_))
+    ));
+    s.delete_thing_group("grandchild", None)
+        .await
+        .expect("leaf delete");
+    s.delete_thing_group("grandchild", None)
+        .await
+        .expect("missing group delete succeeds");
+    s.remove_thing_from_group("root", "a")
+        .await
+        .expect("remove");
+    assert!(
+        s.list_things_in_group("root", true, &page(10))
+            .await
+            .expect("list")
+            .items
+            == ["b"]
+    );
+    s.delete_thing("b", None).await.expect("delete thing");
+    assert!(
+        s.list_things_in_group("child", false, &page(10))
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+}
+
+async fn streams_versions_and_order(s: Arc<dyn Store>) {
+    for i in 0..5 {
+        let st = Stream {
+            id: format!("s{i}"),
+            version: 1,
+            description: None,
+            files: vec![StreamFile {
+                file_id: 0,
+                bucket: "b".into(),
+                key: "k".into(),
+                version: None,
+                resolved_version: "null".into(),
+                size: 10,
+            }],
+            role_arn: "arn:aws:iam::123456789012:role/r".into(),
+            created_ms: 1_000 + i,
+            updated_ms: 1_000 + i,
+        };
+        s.create_stream(&st).await.expect("create");
+    }
+    let mut st = s.get_stream("s2").await.expect("get").expect("exists");
+    assert!(matches!(
+        s.create_stream(&st).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    st.version = 2;
+    st.description = Some("v2".into());
+    s.update_stream(&st, 1).await.expect("update");
+    assert!(matches!(
+        s.update_stream(&st, 1).await,
+        Err(StoreError::VersionConflict(_))
+    ));
+    assert_eq!(
+        s.get_stream("s2")
+            .await
+            .expect("get")
+            .expect("exists")
+            .version,
+        2
+    );
+    let desc: Vec<String> = all_pages(2, |p| {
+        let s = s.clone();
+        async move { s.list_streams(false, &p).await }
+    })
+    .await
+    .into_iter()
+    .map(|s| s.id)
+    .collect();
+    assert_eq!(desc, ["s4", "s3", "s2", "s1", "s0"]);
+    s.delete_stream("s0").await.expect("delete");
+    assert!(matches!(
+        s.delete_stream("s0").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn jobs_executions_cancel_complete_delete(s: Arc<dyn Store>) {
+    let targets = ["arn:aws:iot:us-east-1:123456789012:thinggroup/g"];
+    let j = job("j1", TargetSelection::Snapshot, &targets);
+    let execs: Vec<_> = ["d1", "d2", "d3"]
+        .iter()
+        .map(|t| execution("j1", t))
+        .collect();
+    s.create_job(&j, &execs).await.expect("create job");
+    assert!(matches!(
+        s.create_job(&j, &[]).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let counts = s.count_executions("j1").await.expect("counts");
+    assert_eq!(counts.get(&ExecutionStatus::Queued), Some(&3));
+
+    let listed = s
+        .list_jobs(
+            &JobFilter {
+                target: Some(targets[0].into()),
+                status: Some(JobStatus::InProgress),
+                ..JobFilter::default()
+            },
+            &page(10),
+        )
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), 1);
+    assert!(
+        s.list_jobs(
+            &JobFilter {
+                status: Some(JobStatus::Completed),
+                ..JobFilter::default()
+            },
+            &page(10)
+        )
+        .await
+        .expect("list")
+        .items
+        .is_empty()
+    );
+
+    // A stale version is refused.
+    let mut e = s
+        .get_execution("j1", "d1", None)
+        .await
+        .expect("get")
+        .expect("exists");
+    e.status = ExecutionStatus::InProgress;
+    e.started_ms = Some(2_000);
+    e.version = 3;
+    assert!(matches!(
+        s.update_execution(&e).await,
+        Err(StoreError::VersionConflict(_))
+    ));
+    e.version = 2;
+    s.update_execution(&e).await.expect("start");
+    assert!(matches!(
+        s.delete_job("j1", false).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    assert!(matches!(
+        s.delete_execution("j1", "d1", 1, false).await,
+        Err(StoreError::InvalidState(_))
+    ));
+
+    // Non-forced cancel leaves IN_PROGRESS executions alone; forced cancel takes them.
+    let canceled = s
+        .cancel_job(
+            "j1",
+            &CancelJob {
+                force: false,
+                reason_code: Some("R".into()),
+                comment: None,
+                now_ms: 3_000,
+            },
+        )
+        .await
+        .expect("cancel");
+    assert_eq!(canceled.status, JobStatus::Canceled);
+    let counts = s.count_executions("j1").await.expect("counts");
+    assert_eq!(counts.get(&ExecutionStatus::Canceled), Some(&2));
+    assert_eq!(counts.get(&ExecutionStatus::InProgress), Some(&1));
+    let forced = s
+        .cancel_job(
+            "j1",
+            &CancelJob {
+                force: true,
+                reason_code: None,
+                comment: Some("c".into()),
+                now_ms: 4_000,
+            },
+        )
+        .await
+        .expect("force cancel");
+    assert!(forced.force_canceled);
+    assert_eq!(forced.reason_code.as_deref(), Some("R"));
+    let d1 = s
+        .get_execution("j1", "d1", Some(1))
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(d1.status, ExecutionStatus::Canceled);
+    assert!(d1.force_canceled);
+    s.delete_job("j1", false)
+        .await
+        .expect("canceled jobs delete without force");
+    assert!(s.get_job("j1").await.expect("get").is_none());
+    assert!(
+        s.get_execution("j1", "d1", None)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    s.create_job(&j, &[])
+        .await
+        .expect("a deleted job id can be reused");
+}
+
+async fn snapshot_jobs_complete_when_all_executions_end(s: Arc<dyn Store>) {
+    let j = job("j2", TargetSelection::Snapshot, &[]);
+    s.create_job(&j, &[execution("j2", "x"), execution("j2", "y")])
+        .await
+        .expect("create");
+    for (thing, status) in [
+        ("x", ExecutionStatus::Succeeded),
+        ("y", ExecutionStatus::Failed),
+    ] {
+        let mut e = s
+            .get_execution("j2", thing, None)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(
+            s.get_job("j2").await.expect("get").expect("exists").status,
+            JobStatus::InProgress
+        );
+        e.status = status;
+        e.version += 1;
+        e.updated_ms = 5_000;
+        s.update_execution(&e).await.expect("update");
+    }
+    let done = s.get_job("j2").await.expect("get").expect("exists");
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(done.completed_ms, Some(5_000));
+
+    // CONTINUOUS jobs never complete on their own.
+    let c = job("j3", TargetSelection::Continuous, &[]);
+    s.create_job(&c, &[execution("j3", "x")])
+        .await
+        .expect("create");
+    let mut e = s
+        .get_execution("j3", "x", None)
+        .await
+        .expect("get")
+        .expect("exists");
+    e.status = ExecutionStatus::Succeeded;
+    e.version += 1;
+    s.update_execution(&e).await.expect("update");
+    assert_eq!(
+        s.get_job("j3").await.expect("get").expect("exists").status,
+        JobStatus::InProgress
+    );
+
+    // Deleting the last pending execution completes a SNAPSHOT job too.
+    s.create_job(
+        &job("j4", TargetSelection::Snapshot, &[]),
+        &[execution("j4", "x")],
+    )
+    .await
+    .expect("create");
+    s.delete_execution("j4", "x", 1, true)
+        .await
+        .expect("forced delete");
+    assert_eq!(
+        s.get_job("j4").await.expect("get").expect("exists").status,
+        JobStatus::Completed
+    );
+
+    let for_thing: Vec<String> = all_pages(1, |p| {
+        let s = s.clone();
+        async move { s.list_executions_for_thing("x", None, None, &p).await }
+    })
+    .await
+    .into_iter()
+    .map(|e| e.job_id)
+    .collect();
+    assert_eq!(for_thing, ["j2", "j3"]);
+    let succeeded = s
+        .list_executions_for_job("j2", Some(ExecutionStatus::Succeeded), &page(10))
+        .await
+        .expect("list");
+    assert_eq!(succeeded.items.len(), 1);
+}
+
+async fn ota_update_records(s: Arc<dyn Store>) {
+    let mut o = OtaUpdate {
+        id: "o1".into(),
+        status: OtaUpdateStatus::CreatePending,
+        request: serde_json::json!({"files": [{"fileName": "f"}]}),
+        job_id: Some("AFR_OTA-o1".into()),
+        stream_id: None,
+        error_code: None,
+        error_message: None,
+        created_ms: 1,
+        updated_ms: 1,
+    };
+    s.create_ota_update(&o).await.expect("create");
+    assert!(matches!(
+        s.create_ota_update(&o).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    o.status = OtaUpdateStatus::CreateComplete;
+    s.update_ota_update(&o).await.expect("update");
+    let complete = s
+        .list_ota_updates(Some(OtaUpdateStatus::CreateComplete), &page(10))
+        .await
+        .expect("list");
+    assert_eq!(complete.items, vec![o.clone()]);
+    assert!(
+        s.list_ota_updates(Some(OtaUpdateStatus::CreatePending), &page(10))
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    s.delete_ota_update("o1").await.expect("delete");
+    assert!(matches!(
+        s.delete_ota_update("o1").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn objects_follow_bucket_versioning(s: Arc<dyn Store>) {
+    let b = Bucket {
+        name: "fw".into(),
+        versioning: Versioning::Unversioned,
+        created_ms: 1,
+    };
+    s.create_bucket(&b).await.expect("bucket");
+    assert!(matches!(
+        s.create_bucket(&b).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.put_object(&object("nope", "k", "v", "blob0")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Unversioned: a write replaces the one version and orphans its blob.
+    assert!(
+        s.put_object(&object("fw", "k", "v1", "blob1"))
+            .await
+            .expect("put")
+            .is_empty()
+    );
+    assert_eq!(
+        s.put_object(&object("fw", "k", "v2", "blob2"))
+            .await
+            .expect("put"),
+        ["blob1"]
+    );
+    let cur = s
+        .get_object("fw", "k", None)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        (cur.version_id.as_str(), cur.blob.as_str()),
+        ("null", "blob2")
+    );
+    assert_eq!(
+        cur.checksum.as_ref().map(|c| c.algorithm.as_str()),
+        Some("crc32")
+    );
+
+    // Enabled: every write is kept; delete adds a marker; deleting the marker restores.
+    s.set_bucket_versioning("fw", Versioning::Enabled)
+        .await
+        .expect("enable");
+    assert!(
+        s.put_object(&object("fw", "k", "v3", "blob3"))
+            .await
+            .expect("put")
+            .is_empty()
+    );
+    assert_eq!(
+        s.get_object("fw", "k", None)
+            .await
+            .expect("get")
+            .expect("exists")
+            .version_id,
+        "v3"
+    );
+    let del = s.delete_object("fw", "k", None, 9).await.expect("delete");
+    assert!(del.delete_marker && del.orphaned_blobs.is_empty());
+    let latest = s
+        .get_object("fw", "k", None)
+        .await
+        .expect("get")
+        .expect("marker");
+    assert!(latest.delete_marker);
+    assert_eq!(
+        s.get_object("fw", "k", Some("v3"))
+            .await
+            .expect("get")
+            .expect("kept")
+            .blob,
+        "blob3"
+    );
+    let marker = del.version_id.expect("marker version");
+    s.delete_object("fw", "k", Some(&marker), 10)
+        .await
+        .expect("delete marker");
+    assert_eq!(
+        s.get_object("fw", "k", None)
+            .await
+            .expect("get")
+            .expect("restored")
+            .version_id,
+        "v3"
+    );
+    let gone = s
+        .delete_object("fw", "k", Some("v3"), 11)
+        .await
+        .expect("delete version");
+    assert_eq!(gone.orphaned_blobs, ["blob3"]);
+    assert_eq!(
+        s.get_object("fw", "k", None)
+            .await
+            .expect("get")
+            .expect("older")
+            .version_id,
+        "null"
+    );
+    assert_eq!(
+        s.list_object_versions("fw", "", 100)
+            .await
+            .expect("versions")
+            .len(),
+        1
+    );
+
+    // Suspended versioning is unversioned from the writer's point of view; it can't go back.
+    s.set_bucket_versioning("fw", Versioning::Suspended)
+        .await
+        .expect("suspend");
+    s.set_bucket_versioning("fw", Versioning::Unversioned)
+        .await
+        .expect("stays suspended");
+    assert_eq!(
+        s.get_bucket("fw")
+            .await
+            .expect("get")
+            .expect("exists")
+            .versioning,
+        Versioning::Suspended
+    );
+    assert!(matches!(
+        s.delete_bucket("fw").await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+async fn object_listing_with_delimiters_and_pages(s: Arc<dyn Store>) {
+    s.create_bucket(&Bucket {
+        name: "l".into(),
+        versioning: Versioning::Unversioned,
+        created_ms: 1,
+    })
+    .await
+    .expect("bucket");
+    for k in ["a.bin", "dir/1", "dir/2", "dir/sub/3", "e.bin", "z/9"] {
+        s.put_object(&object("l", k, "v", &format!("blob-{k}")))
+            .await
+            .expect("put");
+    }
+    s.delete_object("l", "e.bin", None, 5)
+        .await
+        .expect("delete");
+    let all = s
+        .list_objects("l", "", None, None, 1000)
+        .await
+        .expect("list");
+    let keys: Vec<_> = all.objects.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(keys, ["a.bin", "dir/1", "dir/2", "dir/sub/3", "z/9"]);
+    let top = s
+        .list_objects("l", "", Some("/"), None, 1000)
+        .await
+        .expect("list");
+    assert_eq!(
+        top.objects
+            .iter()
+            .map(|o| o.key.as_str())
+            .collect::<Vec<_>>(),
+        ["a.bin"]
+    );
+    assert_eq!(top.common_prefixes, ["dir/", "z/"]);
+    let dir = s
+        .list_objects("l", "dir/", Some("/"), None, 1000)
+        .await
+        .expect("list");
+    assert_eq!(dir.objects.len(), 2);
+    assert_eq!(dir.common_prefixes, ["dir/sub/"]);
+    let first = s
+        .list_objects("l", "", None, None, 2)
+        .await
+        .expect("page 1");
+    assert_eq!(first.objects.len(), 2);
+    let after = first.next_after.expect("more");
+    let second = s
+        .list_objects("l", "", None, Some(&after), 2)
+        .await
+        .expect("page 2");
+    assert_eq!(second.objects[0].key, "dir/2");
+
+    let up = MultipartUpload {
+        upload_id: "u1".into(),
+        bucket: "l".into(),
+        key: "big".into(),
+        content_type: None,
+        checksum_algorithm: Some("CRC32".into()),
+        metadata: BTreeMap::new(),
+        created_ms: 1,
+    };
+    s.create_upload(&up).await.expect("upload");
+    let part = |n: i64, blob: &str| UploadPart {
+        upload_id: "u1".into(),
+        part_number: n,
+        size: 5,
+        etag: "\"p\"".into(),
+        checksum: None,
+        blob: blob.into(),
+        created_ms: 1,
+    };
+    assert_eq!(s.put_part(&part(2, "p2")).await.expect("part"), None);
+    assert_eq!(s.put_part(&part(1, "p1")).await.expect("part"), None);
+    assert_eq!(
+        s.put_part(&part(1, "p1b")).await.expect("replace"),
+        Some("p1".into())
+    );
+    let parts = s.list_parts("u1").await.expect("parts");
+    assert_eq!(
+        parts.iter().map(|p| p.blob.as_str()).collect::<Vec<_>>(),
+        ["p1b", "p2"]
+    );
+    assert_eq!(s.list_uploads("l").await.expect("uploads").len(), 1);
+    let mut blobs = s.delete_upload("u1").await.expect("abort");
+    blobs.sort();
+    assert_eq!(blobs, ["p1b", "p2"]);
+    assert!(matches!(
+        s.put_part(&part(3, "p3")).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+// ------------------------------------------------------------------ harness
+
+macro_rules! conformance {
+    ($($case:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some((store, _guard)) = super::sqlite_store().await else { return };
+                    super::$case(std::sync::Arc::new(store)).await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some((store, _guard)) = super::postgres_store().await else { return };
+                    super::$case(std::sync::Arc::new(store)).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    settings_are_created_once,
+    things_crud_versions_and_listing,
+    concurrent_writers_use_optimistic_versions,
+    groups_hierarchy_and_membership,
+    streams_versions_and_order,
+    jobs_executions_cancel_complete_delete,
+    snapshot_jobs_complete_when_all_executions_end,
+    ota_update_records,
+    objects_follow_bucket_versioning,
+    object_listing_with_delimiters_and_pages,
+);
+
+#[tokio::test]
+async fn migrations_apply_once_and_data_survives_reconnect() {
+    let dir = tempdir::Guard::new();
+    let url = format!("sqlite://{}/m.db", dir.path.display());
+    let s = SqlStore::connect(&url).await.expect("first");
+    s.create_thing(&thing("kept")).await.expect("create");
+    s.close().await;
+    let s = SqlStore::connect(&url).await.expect("second");
+    assert!(s.get_thing("kept").await.expect("get").is_some());
+}
