@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Updraft's tests need on a Debian machine: PostgreSQL (server binaries for
-# throw-away test clusters) and the Python venv for the independent-client suite
+# throw-away test clusters), Mosquitto (the external-broker tests) and the Python venv for the independent-client suite
 # (aws CLI, boto3, pytest from PyPI). Safe to run again: it skips what is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   need_apt+=(postgresql)
+fi
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  need_apt+=(mosquitto)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""

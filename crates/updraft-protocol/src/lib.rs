@@ -5,9 +5,12 @@
 //! CreateOTAUpdate generates.
 
 pub mod arn;
+pub mod cbor;
 pub mod ids;
 pub mod job;
 pub mod otadoc;
+pub mod streams;
+pub mod topics;
 
 pub use arn::{Arn, ArnError, ResourceKind};
 pub use ids::IdError;

@@ -75,6 +75,11 @@ fn parts(ms: i64) -> Parts {
     }
 }
 
+/// The UTC (year, month, day) of an instant.
+pub fn civil(ms: i64) -> (i64, i64, i64) {
+    civil_from_days(ms.div_euclid(1000).div_euclid(86400))
+}
+
 /// `2024-01-02T03:04:05.678Z`, as S3 XML listings carry dates.
 pub fn iso8601(ms: i64) -> String {
     let p = parts(ms);
@@ -100,6 +105,15 @@ pub fn http_date(ms: i64) -> String {
         p.h,
         p.mi,
         p.s
+    )
+}
+
+/// The SigV4 `X-Amz-Date` form `20240102T030405Z`.
+pub fn amz_date(ms: i64) -> String {
+    let p = parts(ms);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        p.y, p.mo, p.d, p.h, p.mi, p.s
     )
 }
 
@@ -148,6 +162,7 @@ mod tests {
         assert_eq!(iso8601(ms), "2024-02-29T12:34:56.789Z");
         assert_eq!(http_date(ms), "Thu, 29 Feb 2024 12:34:56 GMT");
         assert_eq!(parse_amz_date("20240229T123456Z"), Some(ms - 789));
+        assert_eq!(amz_date(ms), "20240229T123456Z");
         assert_eq!(parse_iso8601("2024-02-29T12:34:56.789Z"), Some(ms));
         assert_eq!(parse_amz_date("2024-02-29T12:34:56Z"), None);
         assert_eq!(parse_amz_date("20241329T123456Z"), None);

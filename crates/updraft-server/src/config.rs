@@ -33,6 +33,12 @@ pub struct FileConfig {
     pub database: Option<String>,
     pub artifacts: Option<String>,
     pub region: Option<String>,
+    pub mqtt: Option<String>,
+    pub mqtts: Option<String>,
+    pub tls_names: Option<Vec<String>>,
+    pub broker_url: Option<String>,
+    pub public_url: Option<String>,
+    pub allow_insecure_mqtt: Option<bool>,
 }
 
 impl FileConfig {
@@ -55,6 +61,12 @@ impl FileConfig {
             database: self.database.or(lower.database),
             artifacts: self.artifacts.or(lower.artifacts),
             region: self.region.or(lower.region),
+            mqtt: self.mqtt.or(lower.mqtt),
+            mqtts: self.mqtts.or(lower.mqtts),
+            tls_names: self.tls_names.or(lower.tls_names),
+            broker_url: self.broker_url.or(lower.broker_url),
+            public_url: self.public_url.or(lower.public_url),
+            allow_insecure_mqtt: self.allow_insecure_mqtt.or(lower.allow_insecure_mqtt),
         }
     }
 }
@@ -67,11 +79,26 @@ pub struct ServerConfig {
     pub database: String,
     pub artifacts: String,
     pub region: String,
+    /// The embedded broker's plain MQTT listener; `None` with an external broker.
+    pub mqtt: Option<SocketAddr>,
+    /// The embedded broker's TLS listener (client certificates required); `None` with an
+    /// external broker.
+    pub mqtts: Option<SocketAddr>,
+    /// Names (DNS or IP) the TLS listener's certificate is issued for.
+    pub tls_names: Vec<String>,
+    /// `mqtt://host:port` of an external broker to use instead of the embedded one.
+    pub broker_url: Option<String>,
+    /// The URL devices reach the HTTP listener at; defaults to the bound address.
+    pub public_url: Option<String>,
+    /// Allow the plain (unauthenticated-transport) MQTT listener on a non-loopback address.
+    pub allow_insecure_mqtt: bool,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "./updraft-data";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub const DEFAULT_REGION: &str = "us-east-1";
+pub const DEFAULT_MQTT: &str = "127.0.0.1:1883";
+pub const DEFAULT_MQTTS: &str = "127.0.0.1:8883";
 
 impl ServerConfig {
     /// Fills what no source set with the defaults and checks every value.
@@ -123,12 +150,78 @@ impl ServerConfig {
                 message: "a region is lower-case letters, digits and '-', like us-east-1".into(),
             });
         }
+        let allow_insecure_mqtt = c.allow_insecure_mqtt.unwrap_or(false);
+        let broker_url = c.broker_url;
+        if let Some(url) = &broker_url
+            && !url.starts_with("mqtt://")
+        {
+            return Err(ConfigError::Invalid {
+                what: "broker URL",
+                value: url.clone(),
+                message: "use mqtt://HOST:PORT".into(),
+            });
+        }
+        let mqtt = match (&broker_url, c.mqtt) {
+            (Some(_), None) => None,
+            (_, text) => {
+                let text = text.unwrap_or_else(|| DEFAULT_MQTT.to_owned());
+                let addr: SocketAddr =
+                    text.parse()
+                        .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                            what: "MQTT address",
+                            value: text.clone(),
+                            message: e.to_string(),
+                        })?;
+                if !addr.ip().is_loopback() && !allow_insecure_mqtt {
+                    return Err(ConfigError::Invalid {
+                        what: "MQTT address",
+                        value: text,
+                        message: "the plain MQTT listener does not authenticate devices, so it only binds to \
+                                  loopback; pass --allow-insecure-mqtt to bind it elsewhere"
+                            .into(),
+                    });
+                }
+                Some(addr)
+            }
+        };
+        let mqtts = match (&broker_url, c.mqtts) {
+            (Some(_), None) => None,
+            (_, text) => {
+                let text = text.unwrap_or_else(|| DEFAULT_MQTTS.to_owned());
+                Some(
+                    text.parse()
+                        .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                            what: "MQTT/TLS address",
+                            value: text.clone(),
+                            message: e.to_string(),
+                        })?,
+                )
+            }
+        };
+        let tls_names = c
+            .tls_names
+            .unwrap_or_else(|| vec!["localhost".to_owned(), "127.0.0.1".to_owned()]);
+        if let Some(u) = &c.public_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                what: "public URL",
+                value: u.clone(),
+                message: "use http://HOST:PORT or https://HOST".into(),
+            });
+        }
         Ok(ServerConfig {
             data_dir,
             http,
             database,
             artifacts,
             region,
+            mqtt,
+            mqtts,
+            tls_names,
+            broker_url,
+            public_url: c.public_url,
+            allow_insecure_mqtt,
         })
     }
 }
@@ -148,6 +241,30 @@ mod tests {
         assert_eq!(c.database, "sqlite:///tmp/x/updraft.db");
         assert_eq!(c.artifacts, "file:///tmp/x/artifacts");
         assert_eq!(c.region, "us-east-1");
+        assert_eq!(
+            c.mqtt.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:1883")
+        );
+    }
+
+    #[test]
+    fn plain_mqtt_stays_on_loopback_unless_allowed() {
+        let open = FileConfig {
+            mqtt: Some("0.0.0.0:1883".into()),
+            ..FileConfig::default()
+        };
+        assert!(ServerConfig::resolve(open.clone()).is_err());
+        let allowed = FileConfig {
+            allow_insecure_mqtt: Some(true),
+            ..open
+        };
+        assert!(ServerConfig::resolve(allowed).is_ok());
+        let external = ServerConfig::resolve(FileConfig {
+            broker_url: Some("mqtt://127.0.0.1:1884".into()),
+            ..FileConfig::default()
+        })
+        .expect("external broker");
+        assert_eq!(external.mqtt, None);
     }
 
     #[test]

@@ -33,6 +33,7 @@ error_codes! {
     InvalidRequest => ("InvalidRequestException", 400),
     Throttling => ("ThrottlingException", 400),
     Unauthorized => ("UnauthorizedException", 401),
+    CertificateState => ("CertificateStateException", 406),
     ResourceNotFound => ("ResourceNotFoundException", 404),
     ResourceAlreadyExists => ("ResourceAlreadyExistsException", 409),
     VersionConflict => ("VersionConflictException", 409),
@@ -43,6 +44,9 @@ error_codes! {
     InternalFailure => ("InternalFailureException", 500),
     ServiceUnavailable => ("ServiceUnavailableException", 503),
     NotImplemented => ("NotImplementedException", 501),
+    // iot-jobs-data's own statuses.
+    TerminalState => ("TerminalStateException", 410),
+    DataPlaneThrottling => ("ThrottlingException", 429),
     // Authentication failures, as AWS's rest-json front door reports them.
     MissingAuthenticationToken => ("MissingAuthenticationTokenException", 403),
     UnrecognizedClient => ("UnrecognizedClientException", 403),

@@ -66,9 +66,15 @@ pub struct ApiRequest {
 async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut resp = dispatch_inner(state, req).await;
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert("x-amzn-RequestId", v.clone());
-        resp.headers_mut().insert("x-amz-request-id", v);
+    // S3 errors name their request id in the body too; keep the one they chose.
+    let headers = resp.headers_mut();
+    let id = headers
+        .get("x-amz-request-id")
+        .cloned()
+        .or_else(|| HeaderValue::from_str(&request_id).ok());
+    if let Some(v) = id {
+        headers.insert("x-amzn-RequestId", v.clone());
+        headers.insert("x-amz-request-id", v);
     }
     resp
 }
@@ -145,6 +151,7 @@ async fn dispatch_inner(state: AppState, req: Request) -> Response {
     };
     let result = match api.service.as_str() {
         "iot" => crate::iot::handle(&state, &api).await,
+        "iot-jobs-data" => crate::dataplane::jobs_http::handle(&state, &api).await,
         other => Err(ApiError::new(
             ErrorCode::NotImplemented,
             format!("Updraft does not serve the '{other}' service"),

@@ -10,7 +10,10 @@ use tokio::net::TcpListener;
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::auth::KeyRing;
 use crate::config::ServerConfig;
+use crate::mqtt::broker::{Authorizer, Broker, BrokerConfig};
+use crate::mqtt::external::ExternalBus;
 use crate::store::{SqlStore, Store, StoreError};
+use crate::tls::DeviceCa;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -24,6 +27,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("MQTT broker: {0}")]
+    Broker(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -41,6 +46,12 @@ pub struct AppState {
     pub region: String,
     /// Where request bodies are spooled before they are committed.
     pub spool_dir: PathBuf,
+    /// The device data plane (MQTT bus, notifications, pre-signed URLs).
+    pub data_plane: Arc<crate::dataplane::DataPlane>,
+    /// The CA that issues device certificates.
+    pub device_ca: Arc<DeviceCa>,
+    /// The host devices connect to (DescribeEndpoint).
+    pub device_endpoint: String,
 }
 
 impl AppState {
@@ -147,7 +158,46 @@ pub struct Server {
     listener: TcpListener,
     state: AppState,
     pub http_addr: SocketAddr,
+    /// The embedded broker's plain listener, when it runs.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// The embedded broker's TLS listener, when it runs.
+    pub mqtts_addr: Option<SocketAddr>,
 }
+
+/// Who may connect to the embedded broker. On the TLS listener: the holder of an ACTIVE
+/// certificate attached to the thing its client id names. On the plain (loopback) listener,
+/// which cannot authenticate: any client id that names a thing.
+fn device_authorizer(state: &AppState) -> Authorizer {
+    let store = state.store.clone();
+    let (region, account) = (state.region.clone(), state.account.clone());
+    Arc::new(move |req| {
+        let store = store.clone();
+        let cert_arn = req.certificate_id.as_ref().map(|id| {
+            updraft_protocol::Arn::new(&region, &account, updraft_protocol::ResourceKind::Cert, id)
+                .to_string()
+        });
+        Box::pin(async move {
+            if !matches!(store.get_thing(&req.client_id).await, Ok(Some(_))) {
+                return false;
+            }
+            match (&req.certificate_id, cert_arn) {
+                (None, _) => true,
+                (Some(id), Some(arn)) => {
+                    let active = matches!(store.get_certificate(id).await, Ok(Some(c)) if c.status == "ACTIVE");
+                    active
+                        && matches!(
+                            store.principal_attached(&req.client_id, &arn).await,
+                            Ok(true)
+                        )
+                }
+                (Some(_), None) => false,
+            }
+        })
+    })
+}
+
+/// Device requests queued between the MQTT side and the data-plane workers.
+const INBOUND_QUEUE: usize = 8192;
 
 impl Server {
     pub async fn start(config: &ServerConfig) -> Result<Server, ServeError> {
@@ -179,17 +229,97 @@ impl Server {
             addr: config.http,
             source,
         })?;
-        let endpoints = serde_json::json!({ "http": format!("http://{http_addr}") });
-        write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
-        tracing::info!(%http_addr, database = %redact(&config.database), artifacts = ?artifacts, "updraft is listening");
+        let device_ca = DeviceCa::load_or_create(&store, &identity.account)
+            .await
+            .map_err(|e| ServeError::Broker(e.to_string()))?;
+        write_private(&dir.join("ca.pem"), device_ca.cert_pem())?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let device_endpoint = public_url
+            .split_once("://")
+            .map(|(_, rest)| rest)
+            .unwrap_or(&public_url)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("127.0.0.1")
+            .to_owned();
         let state = AppState {
             store: Arc::new(store),
             artifacts,
-            keys: Arc::new(KeyRing::new([(identity.access_key, identity.secret_key)])),
+            keys: Arc::new(KeyRing::new([(
+                identity.access_key.clone(),
+                identity.secret_key.clone(),
+            )])),
             account: identity.account,
             region: config.region.clone(),
             spool_dir,
+            data_plane: Arc::new(crate::dataplane::DataPlane::default()),
+            device_ca: Arc::new(device_ca),
+            device_endpoint,
         };
+        state.data_plane.set_presigner(crate::dataplane::Presigner {
+            base_url: public_url,
+            access_key: identity.access_key,
+            secret_key: identity.secret_key,
+            region: config.region.clone(),
+        });
+
+        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
+        let mut mqtt_addr = None;
+        let mut mqtts_addr = None;
+        let mut endpoints = serde_json::json!({ "http": format!("http://{http_addr}") });
+        if let Some(url) = &config.broker_url {
+            let bus = ExternalBus::connect(
+                url,
+                std::env::var("UPDRAFT_BROKER_USERNAME").ok(),
+                std::env::var("UPDRAFT_BROKER_PASSWORD").ok(),
+                std::env::var("UPDRAFT_BROKER_SHARED_GROUP")
+                    .ok()
+                    .filter(|g| !g.is_empty()),
+                inbound_tx,
+            )
+            .map_err(|e| ServeError::Broker(e.to_string()))?;
+            state.data_plane.set_bus(Arc::new(bus));
+            endpoints["mqtt"] = serde_json::Value::String(url.clone());
+        } else if let Some(addr) = config.mqtt {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let authorize = device_authorizer(&state);
+            let broker = Broker::new(BrokerConfig::default(), authorize, inbound_tx);
+            tokio::spawn(broker.clone().serve_tcp(listener));
+            endpoints["mqtt"] = serde_json::Value::String(format!("mqtt://{bound}"));
+            mqtt_addr = Some(bound);
+            if let Some(addr) = config.mqtts {
+                let tls_listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?;
+                let tls_bound = tls_listener
+                    .local_addr()
+                    .map_err(|source| ServeError::Bind { addr, source })?;
+                let tls_config = state
+                    .device_ca
+                    .server_config(&config.tls_names)
+                    .map_err(|e| ServeError::Broker(e.to_string()))?;
+                tokio::spawn(crate::tls::serve_mqtts(
+                    broker.clone(),
+                    tls_listener,
+                    tls_config,
+                    std::time::Duration::from_secs(10),
+                ));
+                endpoints["mqtts"] = serde_json::Value::String(format!("mqtts://{tls_bound}"));
+                mqtts_addr = Some(tls_bound);
+            }
+            state.data_plane.set_bus(Arc::new(broker));
+        }
+        crate::dataplane::spawn_workers(state.clone(), inbound_rx, 8);
+        write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
+        tracing::info!(%http_addr, mqtt = ?mqtt_addr, database = %redact(&config.database), artifacts = ?state.artifacts, "updraft is listening");
         let resumed = crate::iot::ota::resume_pending(&state).await?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming the creation of OTA updates left pending");
@@ -198,6 +328,8 @@ impl Server {
             listener,
             state,
             http_addr,
+            mqtt_addr,
+            mqtts_addr,
         })
     }
 

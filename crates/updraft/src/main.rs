@@ -1,5 +1,7 @@
 //! `updraft`: the operator's command. `updraft serve` runs the whole system.
 
+mod bench;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -20,7 +22,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: control plane, S3-compatible artifact endpoint, store.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Measure data-plane throughput against a raw broker round trip, in one run.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 /// Every option: flag, then `UPDRAFT_*` environment variable, then the TOML file, then default.
@@ -44,6 +49,24 @@ struct ServeArgs {
     /// AWS region used in ARNs and the written client config [default: us-east-1]
     #[arg(long, env = "UPDRAFT_REGION")]
     region: Option<String>,
+    /// The embedded broker's plain MQTT listener; port 0 picks a free port [default: 127.0.0.1:1883]
+    #[arg(long, env = "UPDRAFT_MQTT")]
+    mqtt: Option<String>,
+    /// The embedded broker's TLS listener; devices present certificates from CreateKeysAndCertificate [default: 127.0.0.1:8883]
+    #[arg(long, env = "UPDRAFT_MQTTS")]
+    mqtts: Option<String>,
+    /// A DNS name or IP address for the TLS listener's certificate (repeatable) [default: localhost, 127.0.0.1]
+    #[arg(long = "tls-name", env = "UPDRAFT_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Option<Vec<String>>,
+    /// Use an external broker (mqtt://HOST:PORT) instead of the embedded one
+    #[arg(long, env = "UPDRAFT_BROKER_URL")]
+    broker_url: Option<String>,
+    /// The URL devices reach the HTTP API at, for pre-signed download URLs [default: the bound address]
+    #[arg(long, env = "UPDRAFT_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Allow the plain MQTT listener on a non-loopback address (devices are not authenticated on it)
+    #[arg(long, env = "UPDRAFT_ALLOW_INSECURE_MQTT")]
+    allow_insecure_mqtt: bool,
 }
 
 impl ServeArgs {
@@ -54,6 +77,12 @@ impl ServeArgs {
             database: self.database,
             artifacts: self.artifacts,
             region: self.region,
+            mqtt: self.mqtt,
+            mqtts: self.mqtts,
+            tls_names: self.tls_names,
+            broker_url: self.broker_url,
+            public_url: self.public_url,
+            allow_insecure_mqtt: self.allow_insecure_mqtt.then_some(true),
         };
         let file = match &self.config {
             Some(path) => FileConfig::load(path)?,
@@ -92,6 +121,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the server")?;
     let d = config.data_dir.display();
     println!("updraft: HTTP API on http://{}", server.http_addr);
+    if let Some(mqtt) = server.mqtt_addr {
+        println!("updraft: MQTT (embedded broker) on mqtt://{mqtt}");
+    }
+    if let Some(mqtts) = server.mqtts_addr {
+        println!("updraft: MQTT over TLS on mqtts://{mqtts} (CA: {d}/ca.pem)");
+    }
     println!("updraft: endpoints in {d}/endpoints.json");
     println!(
         "updraft: AWS_SHARED_CREDENTIALS_FILE={d}/credentials AWS_CONFIG_FILE={d}/config aws --profile updraft --endpoint-url http://{} iot list-things",
@@ -115,6 +150,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
+        Command::Bench(b) => runtime.block_on(bench::run(b)),
     }
 }

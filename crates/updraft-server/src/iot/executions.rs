@@ -198,6 +198,7 @@ pub(super) async fn cancel(
     e.updated_ms = now_ms();
     e.version += 1;
     state.store.update_execution(&e).await?;
+    state.data_plane.thing_changed(state, thing).await;
     Ok(json!({}))
 }
 
@@ -219,5 +220,6 @@ pub(super) async fn delete(
         .store
         .delete_execution(job, thing, number, q.bool("force")?)
         .await?;
+    state.data_plane.thing_changed(state, thing).await;
     Ok(json!({}))
 }

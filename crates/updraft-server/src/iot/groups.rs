@@ -186,6 +186,7 @@ pub(super) async fn add_thing(state: &AppState, req: &ApiRequest) -> ApiResult<V
     let r: MembershipRequest = body(req)?;
     let (group, thing) = r.resolve(state)?;
     state.store.add_thing_to_group(&group, &thing).await?;
+    super::continuous::thing_joined(state, &group, &thing).await?;
     Ok(json!({}))
 }
 
@@ -193,6 +194,7 @@ pub(super) async fn remove_thing(state: &AppState, req: &ApiRequest) -> ApiResul
     let r: MembershipRequest = body(req)?;
     let (group, thing) = r.resolve(state)?;
     state.store.remove_thing_from_group(&group, &thing).await?;
+    super::continuous::thing_left(state, &group, &thing).await?;
     Ok(json!({}))
 }
 

@@ -70,37 +70,9 @@ fn check_document(doc: &str) -> ApiResult<()> {
     }
 }
 
-/// (bucket, key) of a documentSource URL: `https://s3.amazonaws.com/b/k`,
-/// `https://s3.<region>.amazonaws.com/b/k`, `https://b.s3[.<region>].amazonaws.com/k`, or `s3://b/k`.
-fn parse_document_source(url: &str) -> Option<(String, String)> {
-    let decode = crate::auth::percent_decode;
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (b, k) = rest.split_once('/')?;
-        return (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), decode(k)));
-    }
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))?;
-    let (host, path) = rest.split_once('/')?;
-    let host = host.split(':').next()?;
-    let is_s3_host = |h: &str| h == "s3" || (h.starts_with("s3.") || h.starts_with("s3-"));
-    if let Some(prefix) = host.strip_suffix(".amazonaws.com") {
-        if is_s3_host(prefix) {
-            let (b, k) = path.split_once('/')?;
-            return (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), decode(k)));
-        }
-        if let Some(i) = prefix.find(".s3") {
-            let bucket = &prefix[..i];
-            return (!bucket.is_empty() && !path.is_empty())
-                .then(|| (bucket.to_owned(), decode(path)));
-        }
-    }
-    None
-}
-
 async fn load_document_source(state: &AppState, url: &str) -> ApiResult<String> {
     DOCUMENT_SOURCE.check("documentSource", url)?;
-    let (bucket, key) = parse_document_source(url).ok_or_else(|| {
+    let (bucket, key) = super::parse_s3_url(url).ok_or_else(|| {
         ApiError::invalid(format!(
             "documentSource '{url}' is not an S3 URL (https://s3.amazonaws.com/BUCKET/KEY or https://BUCKET.s3.amazonaws.com/KEY)"
         ))
@@ -244,7 +216,31 @@ pub(crate) async fn create_job(state: &AppState, spec: JobSpec) -> ApiResult<Job
             }
             e => e.into(),
         })?;
+    state.data_plane.things_changed(
+        state,
+        executions.into_iter().map(|e| e.thing_name).collect(),
+    );
     Ok(job)
+}
+
+/// The things with an execution of `job_id` (to notify after a bulk change).
+pub(crate) async fn things_of_job(state: &AppState, job_id: &str) -> ApiResult<Vec<String>> {
+    let mut things = Vec::new();
+    let mut page = PageRequest {
+        after: None,
+        limit: 10_000,
+    };
+    loop {
+        let p = state
+            .store
+            .list_executions_for_job(job_id, None, &page)
+            .await?;
+        things.extend(p.items.into_iter().map(|e| e.thing_name));
+        match p.next {
+            Some(n) => page.after = Some(n),
+            None => return Ok(things),
+        }
+    }
 }
 
 fn unsupported(what: &str) -> ApiError {
@@ -515,6 +511,9 @@ pub(super) async fn cancel(state: &AppState, req: &ApiRequest, id: &str) -> ApiR
             },
         )
         .await?;
+    state
+        .data_plane
+        .things_changed(state, things_of_job(state, id).await?);
     let mut m = Map::new();
     m.insert(
         "jobArn".into(),
@@ -529,7 +528,9 @@ pub(super) async fn delete(state: &AppState, req: &ApiRequest, id: &str) -> ApiR
     check_id("jobId", &JOB_ID, id)?;
     let q = Query::of(req);
     q.checked("namespaceId", &NAMESPACE_ID)?;
+    let things = things_of_job(state, id).await?;
     state.store.delete_job(id, q.bool("force")?).await?;
+    state.data_plane.things_changed(state, things);
     Ok(json!({}))
 }
 
@@ -541,24 +542,24 @@ mod tests {
     fn document_source_forms() {
         let want = Some(("b".to_owned(), "dir/job 1.json".to_owned()));
         assert_eq!(
-            parse_document_source("https://s3.amazonaws.com/b/dir/job%201.json"),
+            crate::iot::parse_s3_url("https://s3.amazonaws.com/b/dir/job%201.json"),
             want
         );
         assert_eq!(
-            parse_document_source("https://s3.us-west-2.amazonaws.com/b/dir/job%201.json"),
+            crate::iot::parse_s3_url("https://s3.us-west-2.amazonaws.com/b/dir/job%201.json"),
             want
         );
         assert_eq!(
-            parse_document_source("https://b.s3.amazonaws.com/dir/job%201.json"),
+            crate::iot::parse_s3_url("https://b.s3.amazonaws.com/dir/job%201.json"),
             want
         );
         assert_eq!(
-            parse_document_source("https://b.s3.eu-west-1.amazonaws.com/dir/job%201.json"),
+            crate::iot::parse_s3_url("https://b.s3.eu-west-1.amazonaws.com/dir/job%201.json"),
             want
         );
-        assert_eq!(parse_document_source("s3://b/dir/job%201.json"), want);
-        assert_eq!(parse_document_source("https://example.com/b/k"), None);
-        assert_eq!(parse_document_source("https://s3.amazonaws.com/b"), None);
+        assert_eq!(crate::iot::parse_s3_url("s3://b/dir/job%201.json"), want);
+        assert_eq!(crate::iot::parse_s3_url("https://example.com/b/k"), None);
+        assert_eq!(crate::iot::parse_s3_url("https://s3.amazonaws.com/b"), None);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! Each resource module owns its handlers; this module routes a request to them and
 //! holds the request helpers they share (query parsing, paging tokens, body parsing).
 
+mod certificates;
+mod continuous;
 mod executions;
 mod groups;
 mod job_config;
@@ -35,6 +37,22 @@ pub async fn handle(state: &AppState, req: &ApiRequest) -> ApiResult<Value> {
         (["things", name], &Method::GET) => things::describe(state, name).await,
         (["things", name], &Method::PATCH) => things::update(state, req, name).await,
         (["things", name], &Method::DELETE) => things::delete(state, req, name).await,
+        (["things", name, "principals"], &Method::PUT) => {
+            certificates::attach(state, req, name).await
+        }
+        (["things", name, "principals"], &Method::DELETE) => {
+            certificates::detach(state, req, name).await
+        }
+        (["things", name, "principals"], &Method::GET) => {
+            certificates::list_principals(state, req, name).await
+        }
+        (["keys-and-certificate"], &Method::POST) => {
+            certificates::create_keys_and_certificate(state, req).await
+        }
+        (["certificates"], &Method::GET) => certificates::list(state, req).await,
+        (["certificates", id], &Method::GET) => certificates::describe(state, id).await,
+        (["certificates", id], &Method::PUT) => certificates::update(state, req, id).await,
+        (["endpoint"], &Method::GET) => certificates::describe_endpoint(state, req).await,
         (["things", name, "thing-groups"], &Method::GET) => {
             groups::list_for_thing(state, req, name).await
         }
@@ -89,6 +107,34 @@ pub async fn handle(state: &AppState, req: &ApiRequest) -> ApiResult<Value> {
             ),
         )),
     }
+}
+
+/// (bucket, key) of a documentSource URL: `https://s3.amazonaws.com/b/k`,
+/// `https://s3.<region>.amazonaws.com/b/k`, `https://b.s3[.<region>].amazonaws.com/k`, or `s3://b/k`.
+pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
+    let decode = crate::auth::percent_decode;
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (b, k) = rest.split_once('/')?;
+        return (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), decode(k)));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let (host, path) = rest.split_once('/')?;
+    let host = host.split(':').next()?;
+    let is_s3_host = |h: &str| h == "s3" || (h.starts_with("s3.") || h.starts_with("s3-"));
+    if let Some(prefix) = host.strip_suffix(".amazonaws.com") {
+        if is_s3_host(prefix) {
+            let (b, k) = path.split_once('/')?;
+            return (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), decode(k)));
+        }
+        if let Some(i) = prefix.find(".s3") {
+            let bucket = &prefix[..i];
+            return (!bucket.is_empty() && !path.is_empty())
+                .then(|| (bucket.to_owned(), decode(path)));
+        }
+    }
+    None
 }
 
 /// The query string of a request, with typed accessors that answer bad values with

@@ -677,7 +677,9 @@ async fn delete_parts(
     if force_job && let Some(job_id) = &ota.job_id {
         match state.store.get_job(job_id).await? {
             Some(job) if job.status != JobStatus::DeletionInProgress => {
+                let things = super::jobs::things_of_job(state, job_id).await?;
                 state.store.delete_job(job_id, true).await?;
+                state.data_plane.things_changed(state, things);
             }
             _ => {}
         }

@@ -219,6 +219,43 @@ pub trait Store: Send + Sync + 'static {
         number: i64,
         force: bool,
     ) -> StoreResult<()>;
+    /// A thing's pending executions (IN_PROGRESS first, then QUEUED), oldest first, at most `limit`.
+    async fn pending_executions(&self, thing: &str, limit: usize)
+    -> StoreResult<Vec<JobExecution>>;
+    /// Queues `execution` unless its (job, thing) already has one; returns whether it did.
+    /// The job must be IN_PROGRESS (CONTINUOUS jobs picking up a new group member).
+    async fn queue_execution_if_absent(&self, execution: &JobExecution) -> StoreResult<bool>;
+    /// StartNextPendingJobExecution: the thing's next pending execution; a QUEUED one becomes
+    /// IN_PROGRESS with `status_details` (an IN_PROGRESS one is returned unchanged).
+    async fn start_next_execution(
+        &self,
+        thing: &str,
+        status_details: Option<&BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> StoreResult<Option<JobExecution>>;
+
+    // ---- certificates and principals
+    async fn create_certificate(&self, cert: &Certificate) -> StoreResult<()>;
+    async fn get_certificate(&self, id: &str) -> StoreResult<Option<Certificate>>;
+    async fn list_certificates(&self, page: &PageRequest) -> StoreResult<Page<Certificate>>;
+    /// Sets a certificate's status (the caller checks the transition).
+    async fn set_certificate_status(&self, id: &str, status: &str, now_ms: i64) -> StoreResult<()>;
+    /// Attaches a principal (certificate ARN) to a thing. With `exclusive`, refuses a
+    /// principal attached to another thing, and marks this attachment exclusive.
+    async fn attach_principal(
+        &self,
+        thing: &str,
+        principal: &str,
+        exclusive: bool,
+    ) -> StoreResult<()>;
+    async fn detach_principal(&self, thing: &str, principal: &str) -> StoreResult<()>;
+    async fn list_thing_principals(
+        &self,
+        thing: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<String>>;
+    /// Is `principal` attached to `thing`?
+    async fn principal_attached(&self, thing: &str, principal: &str) -> StoreResult<bool>;
 
     // ---- OTA updates
     async fn create_ota_update(&self, ota: &OtaUpdate) -> StoreResult<()>;

@@ -189,3 +189,17 @@ pub struct UploadPart {
     pub blob: String,
     pub created_ms: i64,
 }
+
+/// A device certificate issued by Updraft's CA.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Certificate {
+    /// SHA-256 of the DER, 64 lower-case hex characters (as AWS IoT names certificates).
+    pub id: String,
+    /// ACTIVE, INACTIVE, REVOKED, ...
+    pub status: String,
+    pub pem: String,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}

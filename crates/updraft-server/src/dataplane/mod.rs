@@ -1,0 +1,259 @@
+//! The device data plane: the Jobs API over MQTT and HTTPS (iot-jobs-data), Streams over
+//! MQTT, pre-signed HTTP downloads, and the notifications devices receive.
+//!
+//! Device requests arrive as [`Inbound`] messages from whichever [`MessageBus`] is in use.
+//! They are spread over a fixed set of workers by client id, so one device's requests are
+//! handled in order while different devices proceed in parallel.
+
+pub mod jobs;
+pub mod jobs_http;
+mod jobs_mqtt;
+mod notify;
+pub mod streams_mqtt;
+
+use bytes::Bytes;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::mpsc;
+
+use crate::mqtt::{Inbound, MessageBus};
+use crate::server::AppState;
+use crate::store::Job;
+
+/// Placeholders CreateJob documents may carry; replaced with pre-signed URLs on delivery.
+const PRESIGN_PREFIX: &str = "${aws:iot:s3-presigned-url:";
+
+/// Pre-signed URL lifetime when a job has a placeholder but no `expiresInSec`.
+const DEFAULT_PRESIGN_SECONDS: i64 = 3600;
+
+/// Data-plane state shared by every request.
+#[derive(Default)]
+pub struct DataPlane {
+    bus: OnceLock<Arc<dyn MessageBus>>,
+    /// How pre-signed URLs are made: where devices reach the HTTP listener, and the key.
+    presign: OnceLock<Presigner>,
+    /// The head of each thing's pending list as last announced on `notify-next`.
+    heads: Mutex<HashMap<String, Option<(String, i64)>>>,
+    /// Stream file contents, so a fleet downloading one file reads it once.
+    files: Mutex<FileCache>,
+}
+
+/// Blob contents by blob name, bounded by total size (oldest out first). Blobs are
+/// immutable, so entries never go stale.
+#[derive(Default)]
+struct FileCache {
+    entries: HashMap<String, Bytes>,
+    order: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+/// Largest total size of cached stream files, and of one cached file.
+const FILE_CACHE_BYTES: usize = 256 * 1024 * 1024;
+const MAX_CACHED_FILE: u64 = 64 * 1024 * 1024;
+
+impl FileCache {
+    fn get(&self, blob: &str) -> Option<Bytes> {
+        self.entries.get(blob).cloned()
+    }
+
+    fn insert(&mut self, blob: String, data: Bytes) {
+        if self.entries.contains_key(&blob) {
+            return;
+        }
+        self.bytes += data.len();
+        self.order.push_back(blob.clone());
+        self.entries.insert(blob, data);
+        while self.bytes > FILE_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.entries.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+}
+
+impl DataPlane {
+    pub fn set_bus(&self, bus: Arc<dyn MessageBus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    pub fn set_presigner(&self, presigner: Presigner) {
+        let _ = self.presign.set(presigner);
+    }
+
+    pub fn bus(&self) -> Option<&Arc<dyn MessageBus>> {
+        self.bus.get()
+    }
+
+    /// The job document as a device receives it: pre-signed URL placeholders replaced when
+    /// the job has a `presignedUrlConfig`.
+    pub async fn substitute_presigned_urls(&self, job: &Job) -> String {
+        let Some(config) = job.details.get("presignedUrlConfig") else {
+            return job.document.clone();
+        };
+        if !job.document.contains(PRESIGN_PREFIX) {
+            return job.document.clone();
+        }
+        let expires = config
+            .get("expiresInSec")
+            .and_then(Value::as_i64)
+            .unwrap_or(DEFAULT_PRESIGN_SECONDS);
+        let Some(p) = self.presign.get() else {
+            return job.document.clone();
+        };
+        let mut out = String::with_capacity(job.document.len() + 256);
+        let mut rest = job.document.as_str();
+        while let Some(i) = rest.find(PRESIGN_PREFIX) {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + PRESIGN_PREFIX.len()..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[i..]);
+                rest = "";
+                break;
+            };
+            let inner = &after[..end];
+            match crate::iot::parse_s3_url(inner) {
+                Some((bucket, key)) => out.push_str(&crate::auth::presign_s3_get(
+                    &p.base_url,
+                    &bucket,
+                    &key,
+                    &p.access_key,
+                    &p.secret_key,
+                    &p.region,
+                    crate::clock::now_ms(),
+                    expires,
+                )),
+                None => out.push_str(&rest[i..i + PRESIGN_PREFIX.len() + end + 1]),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// The contents of a stream file (from the cache when it is there).
+    pub async fn file_bytes(
+        &self,
+        state: &AppState,
+        file: &crate::store::StreamFile,
+    ) -> Result<Bytes, String> {
+        let object = state
+            .store
+            .get_object(&file.bucket, &file.key, Some(&file.resolved_version))
+            .await
+            .map_err(|e| e.to_string())?
+            .filter(|o| !o.delete_marker)
+            .ok_or_else(|| format!("the object behind file {} no longer exists", file.file_id))?;
+        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(&object.blob)) {
+            return Ok(b);
+        }
+        let data = state
+            .artifacts
+            .read_all(&object.blob, object.size)
+            .await
+            .map_err(|e| e.to_string())?;
+        if object.size <= MAX_CACHED_FILE
+            && let Ok(mut c) = self.files.lock()
+        {
+            c.insert(object.blob.clone(), data.clone());
+        }
+        Ok(data)
+    }
+
+    /// Announces a change in `thing`'s pending executions (`notify`, and `notify-next`
+    /// when the head of the list changed).
+    pub async fn thing_changed(&self, state: &AppState, thing: &str) {
+        if let Some(bus) = self.bus.get() {
+            notify::announce(state, bus.as_ref(), &self.heads, thing).await;
+        }
+    }
+
+    /// Announces changes for many things (a new job, a cancel), in the background.
+    pub fn things_changed(&self, state: &AppState, things: Vec<String>) {
+        if self.bus.get().is_none() || things.is_empty() {
+            return;
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            for t in things {
+                state.data_plane.thing_changed(&state, &t).await;
+            }
+        });
+    }
+}
+
+/// What pre-signed URLs are made with.
+#[derive(Debug, Clone)]
+pub struct Presigner {
+    /// Where devices reach the HTTP listener, e.g. `http://10.0.0.5:8080`.
+    pub base_url: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+}
+
+/// Consumes device requests: a dispatcher spreads them over `workers` tasks by client id.
+pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, workers: usize) {
+    let workers = workers.max(1);
+    let mut senders = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, mut rx) = mpsc::channel::<Inbound>(1024);
+        senders.push(tx);
+        let state = state.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                handle(&state, msg).await;
+            }
+        });
+    }
+    tokio::spawn(async move {
+        while let Some(msg) = inbound.recv().await {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            msg.client_id.hash(&mut h);
+            let i = usize::try_from(h.finish() % workers as u64).unwrap_or(0);
+            if senders[i].send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+async fn handle(state: &AppState, msg: Inbound) {
+    use updraft_protocol::topics::{DeviceTopic, JobsTopic, Namespace, TopicError};
+    let Some(bus) = state.data_plane.bus().cloned() else {
+        return;
+    };
+    match DeviceTopic::parse(&msg.topic) {
+        // Only the thing itself may ask (the embedded broker enforces it; this also holds
+        // the line behind an external broker with a lax ACL).
+        Ok(t) if t.thing() != msg.client_id => {}
+        Ok(DeviceTopic::Jobs {
+            topic: JobsTopic::Request(op),
+            ..
+        }) => jobs_mqtt::handle(state, bus.as_ref(), &msg, Ok(op)).await,
+        Ok(DeviceTopic::Stream {
+            stream_id,
+            op,
+            format,
+            ..
+        }) if op.is_request() => {
+            streams_mqtt::handle(state, bus.as_ref(), &msg, stream_id, op, format).await
+        }
+        Err(TopicError::InvalidTopic {
+            namespace: Namespace::Jobs,
+            reason,
+        }) => jobs_mqtt::handle(state, bus.as_ref(), &msg, Err(reason)).await,
+        // Replies and notifications, topics outside the reserved namespaces, and stream
+        // topics too malformed to know the answer's format: nothing to answer.
+        _ => {}
+    }
+}
+
+/// Sends `body` to `client` on `topic`.
+pub(crate) fn reply(bus: &dyn MessageBus, client: &str, topic: String, body: Vec<u8>) {
+    bus.send_to(client, topic, Bytes::from(body));
+}

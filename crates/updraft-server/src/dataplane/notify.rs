@@ -1,0 +1,76 @@
+//! `notify` and `notify-next`: what a device hears when its pending executions change.
+//!
+//! `notify` carries the pending list (IN_PROGRESS first, then QUEUED; at most 10).
+//! `notify-next` is sent only when the head of that list changes, with the new head's
+//! execution and document, or just a timestamp when nothing is pending any more.
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use updraft_protocol::ExecutionStatus;
+
+use super::jobs_mqtt::{execution_json, summary_json};
+use crate::clock::now_ms;
+use crate::mqtt::MessageBus;
+use crate::server::AppState;
+
+pub(super) async fn announce(
+    state: &AppState,
+    bus: &dyn MessageBus,
+    heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
+    thing: &str,
+) {
+    let pending = match state.store.pending_executions(thing, 10).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(thing, error = %e, "cannot compute notifications");
+            return;
+        }
+    };
+    let timestamp = now_ms() / 1000;
+    let mut jobs = Map::new();
+    for status in [ExecutionStatus::InProgress, ExecutionStatus::Queued] {
+        let list: Vec<Value> = pending
+            .iter()
+            .filter(|e| e.status == status)
+            .map(summary_json)
+            .collect();
+        if !list.is_empty() {
+            jobs.insert(status.as_str().to_owned(), Value::Array(list));
+        }
+    }
+    let body = json!({ "timestamp": timestamp, "jobs": jobs });
+    bus.publish(
+        format!("$aws/things/{thing}/jobs/notify"),
+        Bytes::from(body.to_string()),
+    );
+
+    let head = pending
+        .first()
+        .map(|e| (e.job_id.clone(), e.execution_number));
+    let changed = match heads.lock() {
+        Ok(mut h) => {
+            let previous = h.insert(thing.to_owned(), head.clone());
+            previous.is_none_or(|p| p != head)
+        }
+        Err(_) => true,
+    };
+    if !changed {
+        return;
+    }
+    let body = match pending.first() {
+        Some(e) => {
+            let document = match state.store.get_job(&e.job_id).await {
+                Ok(Some(job)) => state.data_plane.substitute_presigned_urls(&job).await,
+                _ => return,
+            };
+            json!({ "timestamp": timestamp, "execution": execution_json(e, Some(&document)) })
+        }
+        None => json!({ "timestamp": timestamp }),
+    };
+    bus.publish(
+        format!("$aws/things/{thing}/jobs/notify-next"),
+        Bytes::from(body.to_string()),
+    );
+}

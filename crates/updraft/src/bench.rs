@@ -1,0 +1,510 @@
+//! `updraft bench`: data-plane throughput, measured side by side with a raw broker
+//! round-trip in the same run, so the figure says what Updraft's own work costs.
+//!
+//! Each benchmark starts a server in-process on a temporary data directory (SQLite, the
+//! embedded broker, free loopback ports) and drives it with N real MQTT clients.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use updraft_server::clock::now_ms;
+use updraft_server::config::{FileConfig, ServerConfig};
+use updraft_server::server::{AppState, Server};
+use updraft_server::store::{Job, JobExecution, Thing};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Job execution updates/s through the Jobs MQTT API (start-next, IN_PROGRESS, SUCCEEDED).
+    Jobs(JobsArgs),
+    /// MB/s of stream downloads over MQTT (GetStream, CBOR) by N devices.
+    Stream(StreamArgs),
+}
+
+#[derive(Args)]
+pub struct StreamArgs {
+    /// Simulated devices, each downloading the whole file over its own connection.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// File size in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    size: usize,
+    /// Block size `l` (256..131072).
+    #[arg(long, default_value_t = 4096)]
+    block_size: usize,
+    /// Blocks asked for per request `n` (capped so one answer is at most 128 KiB).
+    #[arg(long, default_value_t = 32)]
+    blocks_per_request: usize,
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
+    /// Simulated devices, each with its own MQTT connection.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Jobs each device works through (three requests each).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+pub async fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Jobs(a) => jobs(a).await,
+        Bench::Stream(a) => stream(a).await,
+    }
+}
+
+/// A server on a temporary directory with free ports.
+pub async fn temp_server() -> anyhow::Result<(Server, tempdir::TempDir)> {
+    let dir = tempdir::TempDir::new()?;
+    let config = ServerConfig::resolve(FileConfig {
+        data_dir: Some(dir.path.clone()),
+        http: Some("127.0.0.1:0".into()),
+        mqtt: Some("127.0.0.1:0".into()),
+        mqtts: Some("127.0.0.1:0".into()),
+        ..FileConfig::default()
+    })?;
+    let server = Server::start(&config)
+        .await
+        .context("starting the server")?;
+    Ok((server, dir))
+}
+
+pub mod tempdir {
+    use std::path::PathBuf;
+
+    /// A directory removed on drop.
+    pub struct TempDir {
+        pub path: PathBuf,
+    }
+
+    impl TempDir {
+        pub fn new() -> std::io::Result<Self> {
+            let path = std::env::temp_dir().join(format!("updraft-{}", uuid_like()));
+            std::fs::create_dir_all(&path)?;
+            Ok(TempDir { path })
+        }
+    }
+
+    fn uuid_like() -> String {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{}-{t:x}", std::process::id())
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// One MQTT client: a sender, and the publishes it receives.
+pub struct Client {
+    pub client: AsyncClient,
+    pub rx: mpsc::Receiver<(String, Bytes)>,
+}
+
+pub async fn connect(port: u16, id: &str, subscribe: &[String]) -> anyhow::Result<Client> {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::channel(256);
+    let (ready_tx, mut ready_rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.clone())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+        .await
+        .context("CONNACK timeout")?;
+    for f in subscribe {
+        client.subscribe(f.clone(), QoS::AtMostOnce).await?;
+        tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+            .await
+            .context("SUBACK timeout")?;
+    }
+    Ok(Client { client, rx })
+}
+
+impl Client {
+    /// Publishes and waits for a message on `reply` (or `reply_alt`).
+    pub async fn request(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+        reply: &str,
+    ) -> anyhow::Result<Bytes> {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload)
+            .await?;
+        loop {
+            let (t, p) = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+                .await
+                .context("reply timeout")?
+                .context("connection closed")?;
+            if t == reply {
+                return Ok(p);
+            }
+            if t.ends_with("/rejected") {
+                bail!("rejected on {t}: {}", String::from_utf8_lossy(&p));
+            }
+        }
+    }
+}
+
+async fn create_fleet(
+    state: &AppState,
+    devices: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<String>> {
+    let now = now_ms();
+    let things: Vec<String> = (0..devices).map(|i| format!("bench-{i:05}")).collect();
+    for t in &things {
+        state
+            .store
+            .create_thing(&Thing {
+                name: t.clone(),
+                id: t.clone(),
+                type_name: None,
+                attributes: BTreeMap::new(),
+                version: 1,
+                created_ms: now,
+            })
+            .await?;
+    }
+    for r in 0..rounds {
+        let id = format!("bench-job-{r}");
+        let job = Job {
+            id: id.clone(),
+            status: updraft_protocol::JobStatus::InProgress,
+            target_selection: updraft_protocol::TargetSelection::Snapshot,
+            targets: vec![],
+            description: None,
+            document: r#"{"operation":"bench"}"#.into(),
+            document_source: None,
+            namespace_id: None,
+            details: serde_json::Map::new(),
+            force_canceled: false,
+            reason_code: None,
+            comment: None,
+            created_ms: now + i64::try_from(r).unwrap_or(0),
+            updated_ms: now,
+            completed_ms: None,
+            version: 1,
+        };
+        let executions: Vec<JobExecution> = things
+            .iter()
+            .map(|t| JobExecution {
+                job_id: id.clone(),
+                thing_name: t.clone(),
+                execution_number: 1,
+                status: updraft_protocol::ExecutionStatus::Queued,
+                force_canceled: false,
+                status_details: BTreeMap::new(),
+                queued_ms: now + i64::try_from(r).unwrap_or(0),
+                started_ms: None,
+                updated_ms: now,
+                version: 1,
+                retry_attempt: 0,
+            })
+            .collect();
+        state.store.create_job(&job, &executions).await?;
+    }
+    Ok(things)
+}
+
+async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
+    let (server, _dir) = temp_server().await?;
+    let port = server.mqtt_addr.context("no MQTT listener")?.port();
+    let state = server.state().clone();
+    tokio::spawn(server.run(std::future::pending()));
+    println!(
+        "bench jobs: {} devices x {} jobs, 3 requests per job",
+        a.devices, a.rounds
+    );
+    let things = create_fleet(&state, a.devices, a.rounds).await?;
+
+    // Raw broker round trips: each device echoes through its own topic, same count and order.
+    let echo = {
+        let mut clients = Vec::new();
+        for t in &things {
+            clients.push(connect(port, t, &[format!("$aws/things/{t}/echo")]).await?);
+        }
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (t, mut c) in things.iter().cloned().zip(clients) {
+            let rounds = a.rounds;
+            tasks.push(tokio::spawn(async move {
+                let topic = format!("$aws/things/{t}/echo");
+                for _ in 0..rounds * 3 {
+                    c.request(&topic, br#"{"status":"IN_PROGRESS"}"#.to_vec(), &topic)
+                        .await?;
+                }
+                c.client.disconnect().await?;
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        start.elapsed()
+    };
+
+    let mut clients = Vec::new();
+    for t in &things {
+        clients.push(connect(port, t, &[]).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (t, mut c) in things.iter().cloned().zip(clients) {
+        let rounds = a.rounds;
+        tasks.push(tokio::spawn(async move {
+            let base = format!("$aws/things/{t}/jobs");
+            for _ in 0..rounds {
+                let started = c
+                    .request(
+                        &format!("{base}/start-next"),
+                        b"{}".to_vec(),
+                        &format!("{base}/start-next/accepted"),
+                    )
+                    .await?;
+                let v: serde_json::Value = serde_json::from_slice(&started)?;
+                let job = v["execution"]["jobId"]
+                    .as_str()
+                    .context("nothing to start")?
+                    .to_owned();
+                let topic = format!("{base}/{job}/update");
+                let accepted = format!("{topic}/accepted");
+                c.request(&topic, br#"{"status":"IN_PROGRESS"}"#.to_vec(), &accepted)
+                    .await?;
+                c.request(&topic, br#"{"status":"SUCCEEDED"}"#.to_vec(), &accepted)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let jobs_elapsed = start.elapsed();
+    let requests = (a.devices * a.rounds * 3) as f64;
+    let jobs_rate = requests / jobs_elapsed.as_secs_f64();
+    let echo_rate = requests / echo.as_secs_f64();
+    println!(
+        "  raw broker echo : {echo_rate:>10.0} round-trips/s ({:.2} s)",
+        echo.as_secs_f64()
+    );
+    println!(
+        "  jobs API        : {jobs_rate:>10.0} updates/s     ({:.2} s)",
+        jobs_elapsed.as_secs_f64()
+    );
+    println!("  ratio           : {:>10.2}", jobs_rate / echo_rate);
+    for r in 0..a.rounds {
+        let counts = state
+            .store
+            .count_executions(&format!("bench-job-{r}"))
+            .await?;
+        let ok = counts
+            .get(&updraft_protocol::ExecutionStatus::Succeeded)
+            .copied()
+            .unwrap_or(0);
+        if ok != i64::try_from(a.devices).unwrap_or(0) {
+            bail!("bench-job-{r}: {ok} of {} executions succeeded", a.devices);
+        }
+    }
+    Ok(())
+}
+
+/// Uploads `data` as the only file of stream `bench-stream` and returns its file id.
+async fn create_stream(state: &AppState, data: Vec<u8>) -> anyhow::Result<()> {
+    use updraft_server::store::{Bucket, ObjectVersion, Stream, StreamFile, Versioning};
+    let now = now_ms();
+    state
+        .store
+        .create_bucket(&Bucket {
+            name: "bench".into(),
+            versioning: Versioning::Unversioned,
+            created_ms: now,
+        })
+        .await?;
+    let blob = updraft_server::artifacts::Artifacts::new_blob();
+    let size = data.len() as u64;
+    state.artifacts.put_bytes(&blob, Bytes::from(data)).await?;
+    state
+        .store
+        .put_object(&ObjectVersion {
+            bucket: "bench".into(),
+            key: "fw.bin".into(),
+            version_id: "null".into(),
+            delete_marker: false,
+            size,
+            etag: "\"bench\"".into(),
+            content_type: None,
+            checksum: None,
+            metadata: BTreeMap::new(),
+            blob,
+            created_ms: now,
+            is_latest: true,
+        })
+        .await?;
+    state
+        .store
+        .create_stream(&Stream {
+            id: "bench-stream".into(),
+            version: 1,
+            description: None,
+            files: vec![StreamFile {
+                file_id: 0,
+                bucket: "bench".into(),
+                key: "fw.bin".into(),
+                version: None,
+                resolved_version: "null".into(),
+                size,
+            }],
+            role_arn: "arn:aws:iam::123456789012:role/bench".into(),
+            created_ms: now,
+            updated_ms: now,
+        })
+        .await?;
+    Ok(())
+}
+
+async fn stream(a: StreamArgs) -> anyhow::Result<()> {
+    if !(256..=131_072).contains(&a.block_size) {
+        bail!("--block-size must be from 256 to 131072");
+    }
+    let per_request = a.blocks_per_request.clamp(1, 131_072 / a.block_size);
+    let (server, _dir) = temp_server().await?;
+    let port = server.mqtt_addr.context("no MQTT listener")?.port();
+    let state = server.state().clone();
+    tokio::spawn(server.run(std::future::pending()));
+    let data: Vec<u8> = (0..a.size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    create_stream(&state, data.clone()).await?;
+    let things = create_fleet(&state, a.devices, 0).await?;
+    let blocks = a.size.div_ceil(a.block_size);
+    println!(
+        "bench stream: {} devices x {} bytes, {}-byte blocks, {} blocks per request (CBOR)",
+        a.devices, a.size, a.block_size, per_request
+    );
+
+    // Raw broker: the same number and size of downstream messages, echoed through each
+    // device's own topic (the upstream leg carries the payload too, so this favours raw).
+    let mut clients = Vec::new();
+    for t in &things {
+        clients.push(connect(port, t, &[format!("$aws/things/{t}/echo")]).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (t, mut c) in things.iter().cloned().zip(clients) {
+        let (size, bs) = (a.size, a.block_size);
+        tasks.push(tokio::spawn(async move {
+            let topic = format!("$aws/things/{t}/echo");
+            let mut offset = 0;
+            while offset < blocks {
+                let n = per_request.min(blocks - offset);
+                for b in offset..offset + n {
+                    let len = bs.min(size - b * bs);
+                    c.client.publish(topic.clone(), QoS::AtMostOnce, false, vec![0u8; len]).await?;
+                }
+                for _ in 0..n {
+                    tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
+                        .await
+                        .context("echo timeout")?
+                        .context("closed")?;
+                }
+                offset += n;
+            }
+            c.client.disconnect().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let echo = start.elapsed();
+
+    let mut clients = Vec::new();
+    for t in &things {
+        let base = format!("$aws/things/{t}/streams/bench-stream");
+        clients.push(connect(port, t, &[format!("{base}/data/cbor"), format!("{base}/rejected/cbor")]).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (t, mut c) in things.iter().cloned().zip(clients) {
+        let (size, bs) = (a.size, a.block_size);
+        tasks.push(tokio::spawn(async move {
+            let base = format!("$aws/things/{t}/streams/bench-stream");
+            let mut received = 0usize;
+            let mut offset = 0;
+            while offset < blocks {
+                let n = per_request.min(blocks - offset);
+                let req = updraft_protocol::streams::GetStreamRequest {
+                    client_token: None,
+                    stream_version: None,
+                    file_id: 0,
+                    block_size: bs as u64,
+                    offset: offset as u64,
+                    number_of_blocks: Some(n as u64),
+                    bitmap: None,
+                };
+                c.client
+                    .publish(format!("{base}/get/cbor"), QoS::AtMostOnce, false, req.to_cbor())
+                    .await?;
+                for _ in 0..n {
+                    let (topic, payload) = tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
+                        .await
+                        .context("block timeout")?
+                        .context("closed")?;
+                    if topic.ends_with("/rejected/cbor") {
+                        bail!("rejected: {payload:?}");
+                    }
+                    let block = updraft_protocol::streams::DataBlock::decode(
+                        updraft_protocol::topics::Format::Cbor,
+                        &payload,
+                    )
+                    .map_err(|e| anyhow::anyhow!("bad block: {}", e.message))?;
+                    received += block.payload.len();
+                }
+                offset += n;
+            }
+            if received != size {
+                bail!("{t}: received {received} of {size} bytes");
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let streamed = start.elapsed();
+    let mb = (a.devices * a.size) as f64 / 1e6;
+    let echo_rate = mb / echo.as_secs_f64();
+    let stream_rate = mb / streamed.as_secs_f64();
+    println!("  raw broker echo : {echo_rate:>8.1} MB/s ({:.2} s)", echo.as_secs_f64());
+    println!("  stream (CBOR)   : {stream_rate:>8.1} MB/s ({:.2} s)", streamed.as_secs_f64());
+    println!("  ratio           : {:>8.2}", stream_rate / echo_rate);
+    Ok(())
+}
