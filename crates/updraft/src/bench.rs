@@ -401,7 +401,9 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     let port = server.mqtt_addr.context("no MQTT listener")?.port();
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));
-    let data: Vec<u8> = (0..a.size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..a.size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     create_stream(&state, data.clone()).await?;
     let things = create_fleet(&state, a.devices, 0).await?;
     let blocks = a.size.div_ceil(a.block_size);
@@ -427,7 +429,9 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
                 let n = per_request.min(blocks - offset);
                 for b in offset..offset + n {
                     let len = bs.min(size - b * bs);
-                    c.client.publish(topic.clone(), QoS::AtMostOnce, false, vec![0u8; len]).await?;
+                    c.client
+                        .publish(topic.clone(), QoS::AtMostOnce, false, vec![0u8; len])
+                        .await?;
                 }
                 for _ in 0..n {
                     tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
@@ -449,7 +453,14 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     let mut clients = Vec::new();
     for t in &things {
         let base = format!("$aws/things/{t}/streams/bench-stream");
-        clients.push(connect(port, t, &[format!("{base}/data/cbor"), format!("{base}/rejected/cbor")]).await?);
+        clients.push(
+            connect(
+                port,
+                t,
+                &[format!("{base}/data/cbor"), format!("{base}/rejected/cbor")],
+            )
+            .await?,
+        );
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -471,13 +482,19 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
                     bitmap: None,
                 };
                 c.client
-                    .publish(format!("{base}/get/cbor"), QoS::AtMostOnce, false, req.to_cbor())
+                    .publish(
+                        format!("{base}/get/cbor"),
+                        QoS::AtMostOnce,
+                        false,
+                        req.to_cbor(),
+                    )
                     .await?;
                 for _ in 0..n {
-                    let (topic, payload) = tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
-                        .await
-                        .context("block timeout")?
-                        .context("closed")?;
+                    let (topic, payload) =
+                        tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
+                            .await
+                            .context("block timeout")?
+                            .context("closed")?;
                     if topic.ends_with("/rejected/cbor") {
                         bail!("rejected: {payload:?}");
                     }
@@ -503,8 +520,14 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     let mb = (a.devices * a.size) as f64 / 1e6;
     let echo_rate = mb / echo.as_secs_f64();
     let stream_rate = mb / streamed.as_secs_f64();
-    println!("  raw broker echo : {echo_rate:>8.1} MB/s ({:.2} s)", echo.as_secs_f64());
-    println!("  stream (CBOR)   : {stream_rate:>8.1} MB/s ({:.2} s)", streamed.as_secs_f64());
+    println!(
+        "  raw broker echo : {echo_rate:>8.1} MB/s ({:.2} s)",
+        echo.as_secs_f64()
+    );
+    println!(
+        "  stream (CBOR)   : {stream_rate:>8.1} MB/s ({:.2} s)",
+        streamed.as_secs_f64()
+    );
     println!("  ratio           : {:>8.2}", stream_rate / echo_rate);
     Ok(())
 }
