@@ -116,45 +116,88 @@ pub struct DeleteOutcome {
     pub orphaned_blobs: Vec<String>,
 }
 
-/// The store interface. See the module documentation.
+/// The store interface, one trait per domain (each implemented in its own file of
+/// `sql/`); `Store` is all of them. See the module documentation.
+pub trait Store:
+    SettingsStore
+    + ThingStore
+    + StreamStore
+    + JobStore
+    + CertificateStore
+    + OtaStore
+    + ObjectIndex
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: SettingsStore
+        + ThingStore
+        + StreamStore
+        + JobStore
+        + CertificateStore
+        + OtaStore
+        + ObjectIndex
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// Installation-wide settings (account id, keys, the device CA).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait SettingsStore: Send + Sync {
     /// Reads an installation-wide setting (account id, keys).
     async fn get_setting(&self, key: &str) -> StoreResult<Option<String>>;
+
     /// Stores `value` under `key` unless a value exists; returns the value in force.
     async fn init_setting(&self, key: &str, value: &str) -> StoreResult<String>;
+}
 
-    // ---- things
+/// Things, thing groups and membership.
+#[async_trait]
+pub trait ThingStore: Send + Sync {
     async fn create_thing(&self, thing: &Thing) -> StoreResult<()>;
+
     async fn get_thing(&self, name: &str) -> StoreResult<Option<Thing>>;
+
     async fn list_things(
         &self,
         filter: &ThingFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<Thing>>;
+
     /// Replaces a thing; `expected_version` (if given) must match the stored version.
     async fn update_thing(
         &self,
         thing: &Thing,
         expected_version: Option<i64>,
     ) -> StoreResult<Thing>;
+
     async fn delete_thing(&self, name: &str, expected_version: Option<i64>) -> StoreResult<()>;
 
-    // ---- thing groups
     async fn create_thing_group(&self, group: &ThingGroup) -> StoreResult<()>;
+
     async fn get_thing_group(&self, name: &str) -> StoreResult<Option<ThingGroup>>;
+
     async fn list_thing_groups(
         &self,
         filter: &GroupFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<ThingGroup>>;
+
     async fn delete_thing_group(
         &self,
         name: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()>;
+
     async fn add_thing_to_group(&self, group: &str, thing: &str) -> StoreResult<()>;
+
     async fn remove_thing_from_group(&self, group: &str, thing: &str) -> StoreResult<()>;
+
     /// Names of things in a group (and its descendants if `recursive`), in name order.
     async fn list_things_in_group(
         &self,
@@ -162,45 +205,65 @@ pub trait Store: Send + Sync + 'static {
         recursive: bool,
         page: &PageRequest,
     ) -> StoreResult<Page<String>>;
+
     async fn list_groups_for_thing(
         &self,
         thing: &str,
         page: &PageRequest,
     ) -> StoreResult<Page<ThingGroup>>;
+}
 
-    // ---- streams
+/// Streams: files for MQTT delivery.
+#[async_trait]
+pub trait StreamStore: Send + Sync {
     async fn create_stream(&self, stream: &Stream) -> StoreResult<()>;
+
     async fn get_stream(&self, id: &str) -> StoreResult<Option<Stream>>;
+
     async fn list_streams(&self, ascending: bool, page: &PageRequest) -> StoreResult<Page<Stream>>;
+
     /// Replaces a stream if its stored version is `expected_version`.
     async fn update_stream(&self, stream: &Stream, expected_version: i64) -> StoreResult<()>;
-    async fn delete_stream(&self, id: &str) -> StoreResult<()>;
 
-    // ---- jobs and executions
+    async fn delete_stream(&self, id: &str) -> StoreResult<()>;
+}
+
+/// Jobs and job executions.
+#[async_trait]
+pub trait JobStore: Send + Sync {
     /// Creates a job and its initial executions atomically.
     async fn create_job(&self, job: &Job, executions: &[JobExecution]) -> StoreResult<()>;
+
     async fn get_job(&self, id: &str) -> StoreResult<Option<Job>>;
+
     async fn list_jobs(&self, filter: &JobFilter, page: &PageRequest) -> StoreResult<Page<Job>>;
+
     /// Replaces a job's mutable fields if its stored version is `job.version - 1`.
     async fn update_job(&self, job: &Job) -> StoreResult<()>;
+
     /// Executions of a job counted by status.
     async fn count_executions(&self, job_id: &str) -> StoreResult<BTreeMap<ExecutionStatus, i64>>;
+
     /// Cancels a job: its QUEUED executions (and IN_PROGRESS ones with `force`) become CANCELED.
     async fn cancel_job(&self, job_id: &str, how: &CancelJob) -> StoreResult<Job>;
+
     /// Deletes a job and all its executions. Without `force`, refuses jobs in progress.
     async fn delete_job(&self, job_id: &str, force: bool) -> StoreResult<()>;
+
     async fn get_execution(
         &self,
         job_id: &str,
         thing: &str,
         number: Option<i64>,
     ) -> StoreResult<Option<JobExecution>>;
+
     async fn list_executions_for_job(
         &self,
         job_id: &str,
         status: Option<ExecutionStatus>,
         page: &PageRequest,
     ) -> StoreResult<Page<JobExecution>>;
+
     async fn list_executions_for_thing(
         &self,
         thing: &str,
@@ -208,9 +271,11 @@ pub trait Store: Send + Sync + 'static {
         job_id: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<Page<JobExecution>>;
+
     /// Writes an execution if its stored version is `execution.version - 1`, and completes a
     /// SNAPSHOT job whose executions are then all terminal.
     async fn update_execution(&self, execution: &JobExecution) -> StoreResult<()>;
+
     /// Deletes one execution. Without `force`, refuses a non-terminal one.
     async fn delete_execution(
         &self,
@@ -219,12 +284,15 @@ pub trait Store: Send + Sync + 'static {
         number: i64,
         force: bool,
     ) -> StoreResult<()>;
+
     /// A thing's pending executions (IN_PROGRESS first, then QUEUED), oldest first, at most `limit`.
     async fn pending_executions(&self, thing: &str, limit: usize)
     -> StoreResult<Vec<JobExecution>>;
+
     /// Queues `execution` unless its (job, thing) already has one; returns whether it did.
     /// The job must be IN_PROGRESS (CONTINUOUS jobs picking up a new group member).
     async fn queue_execution_if_absent(&self, execution: &JobExecution) -> StoreResult<bool>;
+
     /// StartNextPendingJobExecution: the thing's next pending execution; a QUEUED one becomes
     /// IN_PROGRESS with `status_details` (an IN_PROGRESS one is returned unchanged).
     async fn start_next_execution(
@@ -233,13 +301,20 @@ pub trait Store: Send + Sync + 'static {
         status_details: Option<&BTreeMap<String, String>>,
         now_ms: i64,
     ) -> StoreResult<Option<JobExecution>>;
+}
 
-    // ---- certificates and principals
+/// Device certificates and thing principals.
+#[async_trait]
+pub trait CertificateStore: Send + Sync {
     async fn create_certificate(&self, cert: &Certificate) -> StoreResult<()>;
+
     async fn get_certificate(&self, id: &str) -> StoreResult<Option<Certificate>>;
+
     async fn list_certificates(&self, page: &PageRequest) -> StoreResult<Page<Certificate>>;
+
     /// Sets a certificate's status (the caller checks the transition).
     async fn set_certificate_status(&self, id: &str, status: &str, now_ms: i64) -> StoreResult<()>;
+
     /// Attaches a principal (certificate ARN) to a thing. With `exclusive`, refuses a
     /// principal attached to another thing, and marks this attachment exclusive.
     async fn attach_principal(
@@ -248,35 +323,54 @@ pub trait Store: Send + Sync + 'static {
         principal: &str,
         exclusive: bool,
     ) -> StoreResult<()>;
+
     async fn detach_principal(&self, thing: &str, principal: &str) -> StoreResult<()>;
+
     async fn list_thing_principals(
         &self,
         thing: &str,
         page: &PageRequest,
     ) -> StoreResult<Page<String>>;
+
     /// Is `principal` attached to `thing`?
     async fn principal_attached(&self, thing: &str, principal: &str) -> StoreResult<bool>;
+}
 
-    // ---- OTA updates
+/// OTA updates.
+#[async_trait]
+pub trait OtaStore: Send + Sync {
     async fn create_ota_update(&self, ota: &OtaUpdate) -> StoreResult<()>;
+
     async fn get_ota_update(&self, id: &str) -> StoreResult<Option<OtaUpdate>>;
+
     async fn list_ota_updates(
         &self,
         status: Option<updraft_protocol::job::OtaUpdateStatus>,
         page: &PageRequest,
     ) -> StoreResult<Page<OtaUpdate>>;
-    async fn update_ota_update(&self, ota: &OtaUpdate) -> StoreResult<()>;
-    async fn delete_ota_update(&self, id: &str) -> StoreResult<()>;
 
-    // ---- S3 buckets and object metadata (blobs live in the artifact store)
+    async fn update_ota_update(&self, ota: &OtaUpdate) -> StoreResult<()>;
+
+    async fn delete_ota_update(&self, id: &str) -> StoreResult<()>;
+}
+
+/// S3 buckets and object metadata (the bytes live in the artifact store).
+#[async_trait]
+pub trait ObjectIndex: Send + Sync {
     async fn create_bucket(&self, bucket: &Bucket) -> StoreResult<()>;
+
     async fn get_bucket(&self, name: &str) -> StoreResult<Option<Bucket>>;
+
     async fn list_buckets(&self) -> StoreResult<Vec<Bucket>>;
+
     /// Deletes an empty bucket.
     async fn delete_bucket(&self, name: &str) -> StoreResult<()>;
+
     async fn set_bucket_versioning(&self, name: &str, status: Versioning) -> StoreResult<()>;
+
     /// Records a new object version; returns blobs that the write made unreachable.
     async fn put_object(&self, object: &ObjectVersion) -> StoreResult<Vec<String>>;
+
     /// The latest version (which may be a delete marker), or a given version.
     async fn get_object(
         &self,
@@ -284,6 +378,7 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         version_id: Option<&str>,
     ) -> StoreResult<Option<ObjectVersion>>;
+
     async fn delete_object(
         &self,
         bucket: &str,
@@ -291,6 +386,7 @@ pub trait Store: Send + Sync + 'static {
         version_id: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<DeleteOutcome>;
+
     /// Latest, non-deleted objects under `prefix` after `start_after`, grouped by `delimiter`.
     async fn list_objects(
         &self,
@@ -300,6 +396,7 @@ pub trait Store: Send + Sync + 'static {
         start_after: Option<&str>,
         limit: usize,
     ) -> StoreResult<ObjectListing>;
+
     /// Every version of objects under `prefix` (ListObjectVersions), newest first per key.
     async fn list_object_versions(
         &self,
@@ -307,12 +404,18 @@ pub trait Store: Send + Sync + 'static {
         prefix: &str,
         limit: usize,
     ) -> StoreResult<Vec<ObjectVersion>>;
+
     async fn create_upload(&self, upload: &MultipartUpload) -> StoreResult<()>;
+
     async fn get_upload(&self, upload_id: &str) -> StoreResult<Option<MultipartUpload>>;
+
     /// Records a part; returns the blob of a part it replaced, if any.
     async fn put_part(&self, part: &UploadPart) -> StoreResult<Option<String>>;
+
     async fn list_parts(&self, upload_id: &str) -> StoreResult<Vec<UploadPart>>;
+
     /// Removes an upload and its parts; returns their blobs.
     async fn delete_upload(&self, upload_id: &str) -> StoreResult<Vec<String>>;
+
     async fn list_uploads(&self, bucket: &str) -> StoreResult<Vec<MultipartUpload>>;
 }

@@ -1,0 +1,557 @@
+//! Jobs and job executions on SQL.
+
+use async_trait::async_trait;
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+
+impl SqlStore {
+    async fn job_in(&self, tx: &mut Tx, id: &str) -> StoreResult<Option<Job>> {
+        let row =
+            sqlx::query(self.locked(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1")))
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        row.as_ref().map(row_job).transpose()
+    }
+
+    /// Completes a SNAPSHOT job in progress whose executions are all terminal.
+    async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
+        let Some(job) = self.job_in(tx, job_id).await? else {
+            return Ok(());
+        };
+        if job.status != JobStatus::InProgress || job.target_selection != TargetSelection::Snapshot
+        {
+            return Ok(());
+        }
+        let pending: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM job_executions WHERE job_id = $1 AND status IN ('QUEUED', 'IN_PROGRESS')",
+        )
+        .bind(job_id)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+        if pending == 0 {
+            sqlx::query(
+                "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
+                 WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .bind(now_ms)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn row_job(r: &AnyRow) -> StoreResult<Job> {
+    Ok(Job {
+        id: r.try_get("job_id")?,
+        status: parse_enum(&r.try_get::<String, _>("status")?)?,
+        target_selection: parse_enum(&r.try_get::<String, _>("target_selection")?)?,
+        targets: from_json(&r.try_get::<String, _>("targets")?)?,
+        description: r.try_get("description")?,
+        document: r.try_get("document")?,
+        document_source: r.try_get("document_source")?,
+        namespace_id: r.try_get("namespace_id")?,
+        details: from_json(&r.try_get::<String, _>("details")?)?,
+        force_canceled: r.try_get::<i64, _>("force_canceled")? != 0,
+        reason_code: r.try_get("reason_code")?,
+        comment: r.try_get("comment")?,
+        created_ms: r.try_get("created_ms")?,
+        updated_ms: r.try_get("updated_ms")?,
+        completed_ms: r.try_get("completed_ms")?,
+        version: r.try_get("version")?,
+    })
+}
+
+fn row_execution(r: &AnyRow) -> StoreResult<JobExecution> {
+    Ok(JobExecution {
+        job_id: r.try_get("job_id")?,
+        thing_name: r.try_get("thing_name")?,
+        execution_number: r.try_get("execution_number")?,
+        status: parse_enum(&r.try_get::<String, _>("status")?)?,
+        force_canceled: r.try_get::<i64, _>("force_canceled")? != 0,
+        status_details: from_json(&r.try_get::<String, _>("status_details")?)?,
+        queued_ms: r.try_get("queued_ms")?,
+        started_ms: r.try_get("started_ms")?,
+        updated_ms: r.try_get("updated_ms")?,
+        version: r.try_get("version")?,
+        retry_attempt: r.try_get("retry_attempt")?,
+    })
+}
+
+/// Splits an execution page position `thing/number`.
+fn split_execution_key(key: &str) -> (String, i64) {
+    match key.rsplit_once('/') {
+        Some((t, n)) => (t.to_owned(), n.parse().unwrap_or(i64::MAX)),
+        None => (key.to_owned(), i64::MAX),
+    }
+}
+
+async fn insert_execution(tx: &mut Tx, e: &JobExecution) -> StoreResult<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO job_executions ({EXECUTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    )))
+    .bind(&e.job_id)
+    .bind(&e.thing_name)
+    .bind(e.execution_number)
+    .bind(e.status.as_str())
+    .bind(flag(e.force_canceled))
+    .bind(to_json(&e.status_details)?)
+    .bind(e.queued_ms)
+    .bind(e.started_ms)
+    .bind(e.updated_ms)
+    .bind(e.version)
+    .bind(e.retry_attempt)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl JobStore for SqlStore {
+    async fn create_job(&self, job: &Job, executions: &[JobExecution]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+        )))
+        .bind(&job.id)
+        .bind(job.status.as_str())
+        .bind(job.target_selection.as_str())
+        .bind(&job.namespace_id)
+        .bind(to_json(&job.targets)?)
+        .bind(&job.description)
+        .bind(&job.document)
+        .bind(&job.document_source)
+        .bind(to_json(&job.details)?)
+        .bind(flag(job.force_canceled))
+        .bind(&job.reason_code)
+        .bind(&job.comment)
+        .bind(job.created_ms)
+        .bind(job.updated_ms)
+        .bind(job.completed_ms)
+        .bind(job.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| on_duplicate(e, || format!("Job {} already exists", job.id)))?;
+        for target in job.targets.iter().collect::<BTreeSet<_>>() {
+            sqlx::query("INSERT INTO job_targets (job_id, target) VALUES ($1, $2)")
+                .bind(&job.id)
+                .bind(target)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for e in executions {
+            insert_execution(&mut tx, e).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_job).transpose()
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter, page: &PageRequest) -> StoreResult<Page<Job>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE job_id > $1 AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR target_selection = $3) AND ($4 IS NULL OR namespace_id = $4) \
+             AND ($5 IS NULL OR job_id IN (SELECT job_id FROM job_targets WHERE target = $5)) \
+             ORDER BY job_id LIMIT $6"
+        )))
+        .bind(page.after.clone().unwrap_or_default())
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.target_selection.map(|s| s.as_str()))
+        .bind(&filter.namespace_id)
+        .bind(&filter.target)
+        .bind(page_limit(page))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows.iter().map(row_job).collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page, |j| j.id.clone()))
+    }
+
+    async fn update_job(&self, job: &Job) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET description = $2, details = $3, updated_ms = $4, version = $5 \
+             WHERE job_id = $1 AND version = $6",
+        )
+        .bind(&job.id)
+        .bind(&job.description)
+        .bind(to_json(&job.details)?)
+        .bind(job.updated_ms)
+        .bind(job.version)
+        .bind(job.version - 1)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(match self.job_in(&mut tx, &job.id).await? {
+                None => StoreError::NotFound(format!("Job {} cannot be found.", job.id)),
+                Some(_) => StoreError::VersionConflict(format!(
+                    "Job {} was changed concurrently; retry.",
+                    job.id
+                )),
+            });
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_executions(&self, job_id: &str) -> StoreResult<BTreeMap<ExecutionStatus, i64>> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM job_executions WHERE job_id = $1 GROUP BY status",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            out.insert(
+                parse_enum(&r.try_get::<String, _>("status")?)?,
+                r.try_get::<i64, _>("n")?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn cancel_job(&self, job_id: &str, how: &CancelJob) -> StoreResult<Job> {
+        let mut tx = self.begin().await?;
+        let Some(mut job) = self.job_in(&mut tx, job_id).await? else {
+            return Err(StoreError::NotFound(format!(
+                "Job {job_id} cannot be found."
+            )));
+        };
+        match job.status {
+            JobStatus::DeletionInProgress => {
+                return Err(StoreError::Invalid(format!(
+                    "Job {job_id} is being deleted."
+                )));
+            }
+            JobStatus::Completed => {
+                return Err(StoreError::Invalid(format!(
+                    "Job {job_id} has already completed and cannot be canceled."
+                )));
+            }
+            JobStatus::Canceled if !how.force || job.force_canceled => return Ok(job),
+            _ => {}
+        }
+        let statuses: &[&str] = if how.force {
+            &["QUEUED", "IN_PROGRESS"]
+        } else {
+            &["QUEUED"]
+        };
+        for status in statuses {
+            let forced = *status == "IN_PROGRESS";
+            sqlx::query(
+                "UPDATE job_executions SET status = 'CANCELED', force_canceled = $3, updated_ms = $4, \
+                 version = version + 1 WHERE job_id = $1 AND status = $2",
+            )
+            .bind(job_id)
+            .bind(*status)
+            .bind(flag(forced))
+            .bind(how.now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        job.status = JobStatus::Canceled;
+        job.force_canceled = how.force;
+        if how.reason_code.is_some() {
+            job.reason_code.clone_from(&how.reason_code);
+        }
+        if how.comment.is_some() {
+            job.comment.clone_from(&how.comment);
+        }
+        job.updated_ms = how.now_ms;
+        job.version += 1;
+        sqlx::query(
+            "UPDATE jobs SET status = 'CANCELED', force_canceled = $2, reason_code = $3, comment = $4, \
+             updated_ms = $5, version = $6 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(flag(job.force_canceled))
+        .bind(&job.reason_code)
+        .bind(&job.comment)
+        .bind(job.updated_ms)
+        .bind(job.version)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    async fn delete_job(&self, job_id: &str, force: bool) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let Some(job) = self.job_in(&mut tx, job_id).await? else {
+            return Err(StoreError::NotFound(format!(
+                "Job {job_id} cannot be found."
+            )));
+        };
+        if job.status == JobStatus::DeletionInProgress {
+            return Err(StoreError::InvalidState(format!(
+                "Job {job_id} is already being deleted."
+            )));
+        }
+        if !force && !job.status.is_terminal() {
+            return Err(StoreError::InvalidState(format!(
+                "Job {job_id} is {}; only COMPLETED or CANCELED jobs can be deleted without force.",
+                job.status
+            )));
+        }
+        for sql in [
+            "DELETE FROM job_executions WHERE job_id = $1",
+            "DELETE FROM job_targets WHERE job_id = $1",
+            "DELETE FROM jobs WHERE job_id = $1",
+        ] {
+            sqlx::query(sql).bind(job_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_execution(
+        &self,
+        job_id: &str,
+        thing: &str,
+        number: Option<i64>,
+    ) -> StoreResult<Option<JobExecution>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE job_id = $1 AND thing_name = $2 \
+             AND ($3 IS NULL OR execution_number = $3) ORDER BY execution_number DESC LIMIT 1"
+        )))
+        .bind(job_id)
+        .bind(thing)
+        .bind(number)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_execution).transpose()
+    }
+
+    async fn list_executions_for_job(
+        &self,
+        job_id: &str,
+        status: Option<ExecutionStatus>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<JobExecution>> {
+        let (after_thing, after_number) = page
+            .after
+            .as_deref()
+            .map(split_execution_key)
+            .unwrap_or((String::new(), i64::MAX));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE job_id = $1 AND ($2 IS NULL OR status = $2) \
+             AND (thing_name > $3 OR (thing_name = $3 AND execution_number > $4)) \
+             ORDER BY thing_name, execution_number LIMIT $5"
+        )))
+        .bind(job_id)
+        .bind(status.map(|s| s.as_str()))
+        .bind(after_thing)
+        .bind(after_number)
+        .bind(page_limit(page))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(row_execution)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page, |e| {
+            format!("{}/{}", e.thing_name, e.execution_number)
+        }))
+    }
+
+    async fn list_executions_for_thing(
+        &self,
+        thing: &str,
+        status: Option<ExecutionStatus>,
+        job_id: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<JobExecution>> {
+        let (after_job, after_number) = page
+            .after
+            .as_deref()
+            .map(split_execution_key)
+            .unwrap_or((String::new(), i64::MAX));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR job_id = $3) AND (job_id > $4 OR (job_id = $4 AND execution_number > $5)) \
+             ORDER BY job_id, execution_number LIMIT $6"
+        )))
+        .bind(thing)
+        .bind(status.map(|s| s.as_str()))
+        .bind(job_id)
+        .bind(after_job)
+        .bind(after_number)
+        .bind(page_limit(page))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(row_execution)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page, |e| {
+            format!("{}/{}", e.job_id, e.execution_number)
+        }))
+    }
+
+    async fn update_execution(&self, e: &JobExecution) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
+             updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
+             AND version = $10",
+        )
+        .bind(&e.job_id)
+        .bind(&e.thing_name)
+        .bind(e.execution_number)
+        .bind(e.status.as_str())
+        .bind(flag(e.force_canceled))
+        .bind(to_json(&e.status_details)?)
+        .bind(e.started_ms)
+        .bind(e.updated_ms)
+        .bind(e.version)
+        .bind(e.version - 1)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::VersionConflict(format!(
+                "The execution of job {} on {} was changed concurrently.",
+                e.job_id, e.thing_name
+            )));
+        }
+        self.complete_if_done(&mut tx, &e.job_id, e.updated_ms)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_execution(
+        &self,
+        job_id: &str,
+        thing: &str,
+        number: i64,
+        force: bool,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(self.locked(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE job_id = $1 AND thing_name = $2 \
+             AND execution_number = $3"
+        )))
+        .bind(job_id)
+        .bind(thing)
+        .bind(number)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(exec) = row.as_ref().map(row_execution).transpose()? else {
+            return Err(StoreError::NotFound(format!(
+                "Job execution {number} of job {job_id} on thing {thing} cannot be found."
+            )));
+        };
+        if !force && !exec.status.is_terminal() {
+            return Err(StoreError::InvalidState(format!(
+                "The execution is {}; only terminal executions can be deleted without force.",
+                exec.status
+            )));
+        }
+        sqlx::query("DELETE FROM job_executions WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3")
+            .bind(job_id)
+            .bind(thing)
+            .bind(number)
+            .execute(&mut *tx)
+            .await?;
+        self.complete_if_done(&mut tx, job_id, crate::clock::now_ms())
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn pending_executions(
+        &self,
+        thing: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<JobExecution>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
+             AND status IN ('IN_PROGRESS', 'QUEUED') \
+             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT $2"
+        )))
+        .bind(thing)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_execution).collect()
+    }
+
+    async fn queue_execution_if_absent(&self, e: &JobExecution) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        match self.job_in(&mut tx, &e.job_id).await? {
+            Some(job) if job.status == JobStatus::InProgress => {}
+            _ => return Ok(false),
+        }
+        let existing = sqlx::query(
+            "SELECT 1 FROM job_executions WHERE job_id = $1 AND thing_name = $2 LIMIT 1",
+        )
+        .bind(&e.job_id)
+        .bind(&e.thing_name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if existing.is_some() {
+            return Ok(false);
+        }
+        insert_execution(&mut tx, e).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn start_next_execution(
+        &self,
+        thing: &str,
+        status_details: Option<&BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> StoreResult<Option<JobExecution>> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(self.locked(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
+             AND status IN ('IN_PROGRESS', 'QUEUED') \
+             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT 1"
+        )))
+        .bind(thing)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(mut e) = row.as_ref().map(row_execution).transpose()? else {
+            return Ok(None);
+        };
+        if e.status == ExecutionStatus::Queued {
+            e.status = ExecutionStatus::InProgress;
+            e.started_ms = Some(now_ms);
+            e.updated_ms = now_ms;
+            if let Some(d) = status_details {
+                e.status_details = d.clone();
+            }
+            e.version += 1;
+            sqlx::query(
+                "UPDATE job_executions SET status = 'IN_PROGRESS', status_details = $4, started_ms = $5, \
+                 updated_ms = $5, version = version + 1 WHERE job_id = $1 AND thing_name = $2 \
+                 AND execution_number = $3",
+            )
+            .bind(&e.job_id)
+            .bind(&e.thing_name)
+            .bind(e.execution_number)
+            .bind(to_json(&e.status_details)?)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(Some(e))
+    }
+}

@@ -1,0 +1,227 @@
+//! [`Store`] on SQL: SQLite by default, PostgreSQL for scale-out.
+//!
+//! The SQL is portable (`$n` parameters, TEXT/BIGINT columns); the backends differ only in
+//! what [`Dialect`] names: connection setup, how a write transaction starts (SQLite takes
+//! the write lock up front with `BEGIN IMMEDIATE`, PostgreSQL locks rows with
+//! `FOR UPDATE`), the collation of key columns, and the migration lock.
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+use updraft_protocol::job::OtaUpdateStatus;
+use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
+
+use super::*;
+
+type Tx = Transaction<'static, Any>;
+
+/// The SQL backend in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Versioned migrations, applied in order at start. Never edit one that has shipped.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/0001_init.sql")),
+    (
+        2,
+        "certificates",
+        include_str!("../../../migrations/0002_certificates.sql"),
+    ),
+];
+
+/// The SQL implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(corrupt)
+}
+
+fn parse_enum<T: FromStr>(s: &str) -> StoreResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>().map_err(corrupt)
+}
+
+fn flag(b: bool) -> i64 {
+    i64::from(b)
+}
+
+/// Maps a unique-key violation to `AlreadyExists(what)`.
+fn on_duplicate(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(what()),
+        _ => StoreError::Database(e),
+    }
+}
+
+fn page_limit(page: &PageRequest) -> i64 {
+    i64::try_from(page.limit.clamp(1, 10_000)).unwrap_or(250) + 1
+}
+
+/// Cuts a `limit + 1` fetch down to a page, with the position of its last item.
+fn paginate<T>(mut items: Vec<T>, page: &PageRequest, key: impl Fn(&T) -> String) -> Page<T> {
+    let limit = page.limit.clamp(1, 10_000);
+    if items.len() > limit {
+        items.truncate(limit);
+        let next = items.last().map(&key);
+        Page { items, next }
+    } else {
+        Page { items, next: None }
+    }
+}
+
+const EXECUTION_COLUMNS: &str = "job_id, thing_name, execution_number, status, force_canceled, status_details, \
+     queued_ms, started_ms, updated_ms, version, retry_attempt";
+const JOB_COLUMNS: &str = "job_id, status, target_selection, namespace_id, targets, description, document, \
+     document_source, details, force_canceled, reason_code, comment, created_ms, updated_ms, completed_ms, version";
+const OBJECT_COLUMNS: &str = "bucket, object_key, version_id, is_latest, delete_marker, size, etag, content_type, \
+     checksum, metadata, blob, created_ms";
+
+mod certificates;
+mod jobs;
+mod objects;
+mod ota;
+mod settings;
+mod streams;
+mod things;
+
+impl SqlStore {
+    /// Connects to `url` (`sqlite://path` or `postgres://...`) and applies pending migrations.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Dialect::Postgres
+        } else {
+            return Err(StoreError::Corrupt(format!(
+                "unsupported database URL '{url}': use sqlite://PATH or postgres://..."
+            )));
+        };
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                let url = if url.contains('?') {
+                    url.to_owned()
+                } else {
+                    format!("{url}?mode=rwc")
+                };
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .after_connect(|conn, _meta| {
+                        Box::pin(async move {
+                            sqlx::raw_sql(
+                                "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA synchronous=NORMAL;",
+                            )
+                            .execute(conn)
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Dialect::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await?
+            }
+        };
+        let store = SqlStore { pool, dialect };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            // Replicas starting together: one migrates, the others wait here.
+            sqlx::query("SELECT pg_advisory_xact_lock(7215423301)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, applied_ms BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: BTreeSet<i64> = sqlx::query("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()?;
+        for (version, description, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            let key_text = match self.dialect {
+                Dialect::Sqlite => "TEXT",
+                Dialect::Postgres => "TEXT COLLATE \"C\"",
+            };
+            let sql = sql.replace("KEYTEXT", key_text);
+            sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, description, applied_ms) VALUES ($1, $2, $3)")
+                .bind(*version)
+                .bind(*description)
+                .bind(crate::clock::now_ms())
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(version, description, "applied database migration");
+        }
+        if let Some(newest) = applied.last()
+            && *newest > MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "the database is at schema version {newest}, newer than this Updraft knows; upgrade Updraft"
+            )));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts a write transaction.
+    async fn begin(&self) -> StoreResult<Tx> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// `sql` with a row lock when reading inside a write transaction.
+    fn locked(&self, sql: &str) -> AssertSqlSafe<String> {
+        match self.dialect {
+            Dialect::Sqlite => AssertSqlSafe(sql.to_owned()),
+            Dialect::Postgres => AssertSqlSafe(format!("{sql} FOR UPDATE")),
+        }
+    }
+}
