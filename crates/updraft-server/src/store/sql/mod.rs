@@ -9,39 +9,13 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
 use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 use updraft_protocol::job::OtaUpdateStatus;
 use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
 
 use super::*;
 
-/// A write transaction. On SQLite it also holds the in-process writer lock: SQLite admits
-/// one writer at a time, and queueing writers here (fairly, without sleeping) is much
-/// faster than letting them collide in SQLite's busy handler, which backs off by sleeping.
-pub(crate) struct Tx {
-    inner: Transaction<'static, Any>,
-    _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl std::ops::Deref for Tx {
-    type Target = sqlx::AnyConnection;
-    fn deref(&self) -> &Self::Target {
-        &self.inner
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.inner
-    }
-}
-
-impl Tx {
-    async fn commit(self) -> Result<(), sqlx::Error> {
-        self.inner.commit().await
-    }
-}
+type Tx = Transaction<'static, Any>;
 
 /// The SQL backend in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +39,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
-    /// SQLite's single writer, taken by every write transaction (see [`Tx`]).
-    writer: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -174,12 +146,7 @@ impl SqlStore {
                     .await?
             }
         };
-        let writer = (dialect == Dialect::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
-        let store = SqlStore {
-            pool,
-            dialect,
-            writer,
-        };
+        let store = SqlStore { pool, dialect };
         store.migrate().await?;
         Ok(store)
     }
@@ -244,17 +211,9 @@ impl SqlStore {
 
     /// Starts a write transaction.
     async fn begin(&self) -> StoreResult<Tx> {
-        let writer = match &self.writer {
-            Some(w) => Some(w.clone().lock_owned().await),
-            None => None,
-        };
-        let inner = match self.dialect {
+        Ok(match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
-        };
-        Ok(Tx {
-            inner,
-            _writer: writer,
         })
     }
 

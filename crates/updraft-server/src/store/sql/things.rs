@@ -8,18 +8,14 @@ use std::collections::BTreeSet;
 use super::*;
 
 impl SqlStore {
-    async fn group_descendants(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        root: &str,
-    ) -> StoreResult<Vec<String>> {
+    async fn group_descendants(&self, tx: &mut Tx, root: &str) -> StoreResult<Vec<String>> {
         let mut out = vec![root.to_owned()];
         let mut i = 0;
         while i < out.len() {
             let children =
                 sqlx::query("SELECT name FROM thing_groups WHERE parent = $1 ORDER BY name")
                     .bind(out[i].clone())
-                    .fetch_all(&mut *conn)
+                    .fetch_all(&mut **tx)
                     .await?;
             for c in children {
                 out.push(c.try_get::<String, _>(0)?);
