@@ -428,8 +428,11 @@ impl JobStore for SqlStore {
                 e.job_id, e.thing_name
             )));
         }
-        self.complete_if_done(&mut tx, &e.job_id, e.updated_ms)
-            .await?;
+        // Only a terminal execution can be the last one a SNAPSHOT job waited for.
+        if e.status.is_terminal() {
+            self.complete_if_done(&mut tx, &e.job_id, e.updated_ms)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
