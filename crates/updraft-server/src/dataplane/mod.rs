@@ -210,8 +210,14 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
             }
         });
     }
+    let throttle_state = state.clone();
     tokio::spawn(async move {
+        let mut limiter = RateLimiter::default();
         while let Some(msg) = inbound.recv().await {
+            if !limiter.allow(&msg.client_id, std::time::Instant::now()) {
+                throttled(&throttle_state, &msg);
+                continue;
+            }
             let mut h = std::collections::hash_map::DefaultHasher::new();
             msg.client_id.hash(&mut h);
             let i = usize::try_from(h.finish() % workers as u64).unwrap_or(0);
@@ -220,6 +226,59 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
             }
         }
     });
+}
+
+/// Requests a device may make per second, sustained, and in a burst. Beyond that its
+/// requests are refused (`RequestThrottled`) so one device cannot starve the others that
+/// share its worker.
+const DEVICE_RATE_PER_SECOND: f64 = 200.0;
+const DEVICE_BURST: f64 = 400.0;
+
+/// A token bucket per client id.
+#[derive(Default)]
+struct RateLimiter {
+    buckets: HashMap<String, (f64, std::time::Instant)>,
+    seen: u64,
+}
+
+impl RateLimiter {
+    fn allow(&mut self, client: &str, now: std::time::Instant) -> bool {
+        self.seen += 1;
+        if self.seen.is_multiple_of(100_000) {
+            // Forget devices that have been quiet long enough to have a full bucket again.
+            self.buckets
+                .retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND < DEVICE_BURST);
+        }
+        let (tokens, at) = self
+            .buckets
+            .entry(client.to_owned())
+            .or_insert((DEVICE_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND).min(DEVICE_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Answers a refused Jobs request with `RequestThrottled` (stream requests are dropped:
+/// the Streams API has no throttling code, and devices re-request missing blocks).
+fn throttled(state: &AppState, msg: &Inbound) {
+    use updraft_protocol::topics::{DeviceTopic, JobsTopic};
+    let Some(bus) = state.data_plane.bus() else {
+        return;
+    };
+    if let Ok(DeviceTopic::Jobs {
+        topic: JobsTopic::Request(_),
+        ..
+    }) = DeviceTopic::parse(&msg.topic)
+    {
+        let e = jobs::JobsError::new(jobs::JobsErrorCode::RequestThrottled, "Rate exceeded for this device");
+        reply(bus.as_ref(), &msg.client_id, format!("{}/rejected", msg.topic), jobs_mqtt::rejected_body(&e, &None));
+    }
 }
 
 async fn handle(state: &AppState, msg: Inbound) {
@@ -250,6 +309,25 @@ async fn handle(state: &AppState, msg: Inbound) {
         // Replies and notifications, topics outside the reserved namespaces, and stream
         // topics too malformed to know the answer's format: nothing to answer.
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_flooding_device_is_throttled_alone() {
+        let mut l = RateLimiter::default();
+        let t0 = Instant::now();
+        let allowed = (0..1000).filter(|_| l.allow("noisy", t0)).count();
+        assert_eq!(allowed, DEVICE_BURST as usize);
+        assert!(l.allow("quiet", t0), "other devices are unaffected");
+        // Tokens come back at the sustained rate.
+        let later = t0 + Duration::from_millis(100);
+        let refilled = (0..1000).filter(|_| l.allow("noisy", later)).count();
+        assert_eq!(refilled, (DEVICE_RATE_PER_SECOND / 10.0) as usize);
     }
 }
 
