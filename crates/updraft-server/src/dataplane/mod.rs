@@ -246,14 +246,16 @@ impl RateLimiter {
         self.seen += 1;
         if self.seen.is_multiple_of(100_000) {
             // Forget devices that have been quiet long enough to have a full bucket again.
-            self.buckets
-                .retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND < DEVICE_BURST);
+            self.buckets.retain(|_, (_, at)| {
+                now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND < DEVICE_BURST
+            });
         }
         let (tokens, at) = self
             .buckets
             .entry(client.to_owned())
             .or_insert((DEVICE_BURST, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND).min(DEVICE_BURST);
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND)
+            .min(DEVICE_BURST);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -276,8 +278,16 @@ fn throttled(state: &AppState, msg: &Inbound) {
         ..
     }) = DeviceTopic::parse(&msg.topic)
     {
-        let e = jobs::JobsError::new(jobs::JobsErrorCode::RequestThrottled, "Rate exceeded for this device");
-        reply(bus.as_ref(), &msg.client_id, format!("{}/rejected", msg.topic), jobs_mqtt::rejected_body(&e, &None));
+        let e = jobs::JobsError::new(
+            jobs::JobsErrorCode::RequestThrottled,
+            "Rate exceeded for this device",
+        );
+        reply(
+            bus.as_ref(),
+            &msg.client_id,
+            format!("{}/rejected", msg.topic),
+            jobs_mqtt::rejected_body(&e, &None),
+        );
     }
 }
 
@@ -312,6 +322,11 @@ async fn handle(state: &AppState, msg: Inbound) {
     }
 }
 
+/// Sends `body` to `client` on `topic`.
+pub(crate) fn reply(bus: &dyn MessageBus, client: &str, topic: String, body: Vec<u8>) {
+    bus.send_to(client, topic, Bytes::from(body));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,9 +344,4 @@ mod tests {
         let refilled = (0..1000).filter(|_| l.allow("noisy", later)).count();
         assert_eq!(refilled, (DEVICE_RATE_PER_SECOND / 10.0) as usize);
     }
-}
-
-/// Sends `body` to `client` on `topic`.
-pub(crate) fn reply(bus: &dyn MessageBus, client: &str, topic: String, body: Vec<u8>) {
-    bus.send_to(client, topic, Bytes::from(body));
 }
