@@ -259,6 +259,34 @@ def test_topic_isolation_and_unknown_clients(server, thing):
     stranger.close()
 
 
+def test_broker_survives_hostile_clients_and_takes_over_client_ids(server, thing):
+    host, port = server.endpoints["mqtt"].split("://", 1)[1].rsplit(":", 1)
+    # Garbage, a truncated CONNECT, and a huge declared packet length: each connection is
+    # dropped, and the broker keeps serving.
+    for junk in [b"\x00\x01\x02garbage" * 10, b"\x10\x7f\x00\x04MQTT", b"\x10\xff\xff\xff\x7f" + b"x" * 100]:
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(junk)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except (TimeoutError, OSError):
+            pass
+        s.close()
+    first = Device(server, thing)
+    assert first.connected
+    # A second connection with the same client id takes over; the first is disconnected.
+    second = Device(server, thing)
+    try:
+        assert second.connected
+        wait_for(lambda: not first.client.is_connected(), what="the old connection to close")
+        kind, _ = second.request("get")
+        assert kind == "accepted"
+    finally:
+        first.close()
+        second.close()
+
+
 def test_mutual_tls_identity(server, thing, tmp_path):
     other = unique("dev")
     server.aws("iot", "create-thing", "--thing-name", other)
