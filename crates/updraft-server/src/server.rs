@@ -199,6 +199,10 @@ fn device_authorizer(state: &AppState) -> Authorizer {
 /// Device requests queued between the MQTT side and the data-plane workers.
 const INBOUND_QUEUE: usize = 8192;
 
+/// Data-plane workers: each handles its devices' requests in order; more workers mean
+/// more requests in flight to share a group commit.
+const DATA_PLANE_WORKERS: usize = 64;
+
 impl Server {
     pub async fn start(config: &ServerConfig) -> Result<Server, ServeError> {
         let dir = &config.data_dir;
@@ -317,7 +321,7 @@ impl Server {
             }
             state.data_plane.set_bus(Arc::new(broker));
         }
-        crate::dataplane::spawn_workers(state.clone(), inbound_rx, 8);
+        crate::dataplane::spawn_workers(state.clone(), inbound_rx, DATA_PLANE_WORKERS);
         write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
         tracing::info!(%http_addr, mqtt = ?mqtt_addr, database = %redact(&config.database), artifacts = ?state.artifacts, "updraft is listening");
         let resumed = crate::iot::ota::resume_pending(&state).await?;

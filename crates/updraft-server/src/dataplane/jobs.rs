@@ -176,11 +176,11 @@ pub async fn start_next(
         .store
         .start_next_execution(thing, status_details.as_ref(), now_ms())
         .await?;
+    // StartNext takes the head of the pending list and keeps it there (IN_PROGRESS sorts
+    // first): the list does not gain or lose a member and its head does not change, so
+    // there is nothing to notify.
     match started {
-        Some(e) => {
-            state.data_plane.thing_changed(state, thing).await;
-            Ok(Some(deliver(state, e).await?))
-        }
+        Some(e) => Ok(Some(deliver(state, e).await?)),
         None => Ok(None),
     }
 }
@@ -285,9 +285,11 @@ pub async fn update(
         }
         e.updated_ms = now;
         e.version += 1;
-        match state.store.update_execution(&e).await {
-            Ok(()) => {
-                if from != e.status {
+        match state.data_plane.write_execution(state, &e).await {
+            Ok(true) => {
+                // `notify` is due when the execution leaves the pending list; `notify-next`
+                // also when a QUEUED execution that was not the head starts and becomes it.
+                if from != e.status && (e.status.is_terminal() || from == ExecutionStatus::Queued) {
                     state.data_plane.thing_changed(state, thing).await;
                 }
                 let document = if req.include_job_document {
@@ -300,9 +302,12 @@ pub async fn update(
                     document,
                 });
             }
-            Err(StoreError::VersionConflict(_)) if req.expected_version.is_none() => continue,
-            Err(StoreError::VersionConflict(m)) => {
-                return Err(JobsError::new(JobsErrorCode::VersionMismatch, m));
+            Ok(false) if req.expected_version.is_none() => continue,
+            Ok(false) => {
+                return Err(JobsError::new(
+                    JobsErrorCode::VersionMismatch,
+                    "The execution was changed concurrently",
+                ));
             }
             Err(other) => return Err(other.into()),
         }

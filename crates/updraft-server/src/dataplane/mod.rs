@@ -10,6 +10,7 @@ pub mod jobs_http;
 mod jobs_mqtt;
 mod notify;
 pub mod streams_mqtt;
+mod writer;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -20,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::mqtt::{Inbound, MessageBus};
 use crate::server::AppState;
-use crate::store::Job;
+use crate::store::{Job, JobExecution};
 
 /// Placeholders CreateJob documents may carry; replaced with pre-signed URLs on delivery.
 const PRESIGN_PREFIX: &str = "${aws:iot:s3-presigned-url:";
@@ -38,6 +39,8 @@ pub struct DataPlane {
     heads: Mutex<HashMap<String, Option<(String, i64)>>>,
     /// Stream file contents, so a fleet downloading one file reads it once.
     files: Mutex<FileCache>,
+    /// Group commit of device execution updates (started with the workers).
+    writer: OnceLock<writer::ExecutionWriter>,
 }
 
 /// Blob contents by blob name, bounded by total size (oldest out first). Blobs are
@@ -87,6 +90,23 @@ impl DataPlane {
 
     pub fn bus(&self) -> Option<&Arc<dyn MessageBus>> {
         self.bus.get()
+    }
+
+    /// Writes a device's execution update (group-committed with concurrent ones):
+    /// `Ok(false)` when the stored version moved on.
+    pub async fn write_execution(
+        &self,
+        state: &AppState,
+        e: &JobExecution,
+    ) -> crate::store::StoreResult<bool> {
+        match self.writer.get() {
+            Some(w) => w.write(e.clone()).await,
+            None => match state.store.update_execution(e).await {
+                Ok(()) => Ok(true),
+                Err(crate::store::StoreError::VersionConflict(_)) => Ok(false),
+                Err(other) => Err(other),
+            },
+        }
     }
 
     /// The job document as a device receives it: pre-signed URL placeholders replaced when
@@ -199,6 +219,10 @@ pub struct Presigner {
 /// Consumes device requests: a dispatcher spreads them over `workers` tasks by client id.
 pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, workers: usize) {
     let workers = workers.max(1);
+    let _ = state
+        .data_plane
+        .writer
+        .set(writer::ExecutionWriter::spawn(state.store.clone()));
     let mut senders = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<Inbound>(1024);

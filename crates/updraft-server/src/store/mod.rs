@@ -276,6 +276,11 @@ pub trait JobStore: Send + Sync {
     /// SNAPSHOT job whose executions are then all terminal.
     async fn update_execution(&self, execution: &JobExecution) -> StoreResult<()>;
 
+    /// [`JobStore::update_execution`] for many executions in one transaction (group commit).
+    /// Each result is `Ok(true)` when written and `Ok(false)` on a version conflict; a
+    /// database failure fails them all.
+    async fn update_executions(&self, executions: &[JobExecution]) -> StoreResult<Vec<bool>>;
+
     /// Deletes one execution. Without `force`, refuses a non-terminal one.
     async fn delete_execution(
         &self,

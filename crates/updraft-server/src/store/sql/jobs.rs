@@ -19,30 +19,16 @@ impl SqlStore {
 
     /// Completes a SNAPSHOT job in progress whose executions are all terminal.
     async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
-        let Some(job) = self.job_in(tx, job_id).await? else {
-            return Ok(());
-        };
-        if job.status != JobStatus::InProgress || job.target_selection != TargetSelection::Snapshot
-        {
-            return Ok(());
-        }
-        let pending: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM job_executions WHERE job_id = $1 AND status IN ('QUEUED', 'IN_PROGRESS')",
+        // One statement: the job row is locked by the UPDATE itself on both backends.
+        sqlx::query(
+            "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
+             WHERE job_id = $1 AND status = 'IN_PROGRESS' AND target_selection = 'SNAPSHOT' \
+             AND NOT EXISTS (SELECT 1 FROM job_executions WHERE job_id = $1 AND status IN ('QUEUED', 'IN_PROGRESS'))",
         )
         .bind(job_id)
-        .fetch_one(&mut **tx)
-        .await?
-        .try_get(0)?;
-        if pending == 0 {
-            sqlx::query(
-                "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
-                 WHERE job_id = $1",
-            )
-            .bind(job_id)
-            .bind(now_ms)
-            .execute(&mut **tx)
-            .await?;
-        }
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 }
@@ -404,37 +390,53 @@ impl JobStore for SqlStore {
     }
 
     async fn update_execution(&self, e: &JobExecution) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
-             updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
-             AND version = $10",
-        )
-        .bind(&e.job_id)
-        .bind(&e.thing_name)
-        .bind(e.execution_number)
-        .bind(e.status.as_str())
-        .bind(flag(e.force_canceled))
-        .bind(to_json(&e.status_details)?)
-        .bind(e.started_ms)
-        .bind(e.updated_ms)
-        .bind(e.version)
-        .bind(e.version - 1)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::VersionConflict(format!(
+        match self
+            .update_executions(std::slice::from_ref(e))
+            .await?
+            .first()
+        {
+            Some(true) => Ok(()),
+            _ => Err(StoreError::VersionConflict(format!(
                 "The execution of job {} on {} was changed concurrently.",
                 e.job_id, e.thing_name
-            )));
+            ))),
         }
-        // Only a terminal execution can be the last one a SNAPSHOT job waited for.
-        if e.status.is_terminal() {
-            self.complete_if_done(&mut tx, &e.job_id, e.updated_ms)
-                .await?;
+    }
+
+    async fn update_executions(&self, executions: &[JobExecution]) -> StoreResult<Vec<bool>> {
+        let mut tx = self.begin().await?;
+        let mut written = Vec::with_capacity(executions.len());
+        let mut ended_jobs: BTreeMap<&str, i64> = BTreeMap::new();
+        for e in executions {
+            let done = sqlx::query(
+                "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
+                 updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
+                 AND version = $10",
+            )
+            .bind(&e.job_id)
+            .bind(&e.thing_name)
+            .bind(e.execution_number)
+            .bind(e.status.as_str())
+            .bind(flag(e.force_canceled))
+            .bind(to_json(&e.status_details)?)
+            .bind(e.started_ms)
+            .bind(e.updated_ms)
+            .bind(e.version)
+            .bind(e.version - 1)
+            .execute(&mut *tx)
+            .await?;
+            let ok = done.rows_affected() > 0;
+            // Only a terminal execution can be the last one a SNAPSHOT job waited for.
+            if ok && e.status.is_terminal() {
+                ended_jobs.insert(&e.job_id, e.updated_ms);
+            }
+            written.push(ok);
+        }
+        for (job_id, at) in ended_jobs {
+            self.complete_if_done(&mut tx, job_id, at).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(written)
     }
 
     async fn delete_execution(

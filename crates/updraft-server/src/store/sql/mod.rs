@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::Duration;
 use updraft_protocol::job::OtaUpdateStatus;
-use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
+use updraft_protocol::{ExecutionStatus, JobStatus};
 
 use super::*;
 
