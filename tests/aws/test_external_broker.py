@@ -30,6 +30,53 @@ def free_port() -> int:
     return port
 
 
+def make_tls_files(root: Path) -> dict:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN updraft)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key, path):
+        path.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("test broker CA")).issuer_name(name("test broker CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = {"ca": root / "ca.pem"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who, san in (("server", x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])), ("updraft", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+        )
+        if san:
+            b = b.add_extension(san, critical=False)
+        cert = b.sign(ca_key, hashes.SHA256())
+        files[who] = root / f"{who}.pem"
+        files[who].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[who + "_key"] = root / f"{who}.key"
+        write_key(key, files[who + "_key"])
+    return files
+
+
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory):
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
@@ -45,22 +92,29 @@ def mosquitto(tmp_path_factory):
     # Run as root, mosquitto would switch to the 'mosquitto' user, who cannot read pytest's
     # private temporary directories; `user root` keeps it as it is.
     stay = "user root\n" if os.geteuid() == 0 else ""
+    tls = make_tls_files(root)
+    tls_port = free_port()
     conf.write_text(
-        f"{stay}listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {acl}\npersistence false\n"
+        f"{stay}per_listener_settings false\nallow_anonymous true\nacl_file {acl}\npersistence false\n"
         f"log_dest file {root / 'mosquitto.log'}\n"
+        f"listener {port} 127.0.0.1\n"
+        # The server's own listener: TLS, and its client certificate (CN updraft) is its user name.
+        f"listener {tls_port} 127.0.0.1\ncafile {tls['ca']}\ncertfile {tls['server']}\nkeyfile {tls['server_key']}\n"
+        "require_certificate true\nuse_identity_as_username true\n"
     )
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection(("127.0.0.1", tls_port), timeout=0.5).close()
             break
         except OSError:
             time.sleep(0.05)
     else:
         proc.kill()
         pytest.fail("mosquitto did not start")
-    yield port
+    yield {"port": port, "tls_port": tls_port, "tls": tls}
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -68,13 +122,12 @@ def mosquitto(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ext_server(tmp_path_factory, mosquitto):
     root = tmp_path_factory.mktemp("updraft-ext")
-    srv = Server(
-        root / "data",
-        extra_args=["--broker-url", f"mqtt://127.0.0.1:{mosquitto}"],
-        extra_env={"UPDRAFT_BROKER_USERNAME": "updraft"},
-    )
+    tls = mosquitto["tls"]
+    # Updraft reaches the broker over TLS with a client certificate; devices use plain MQTT.
+    url = f"mqtts://127.0.0.1:{mosquitto['tls_port']}?ca={tls['ca']}&cert={tls['updraft']}&key={tls['updraft_key']}"
+    srv = Server(root / "data", extra_args=["--broker-url", url])
     srv.start()
-    srv.endpoints["mqtt"] = f"mqtt://127.0.0.1:{mosquitto}"
+    srv.endpoints["mqtt"] = f"mqtt://127.0.0.1:{mosquitto['port']}"
     try:
         yield srv
     finally:

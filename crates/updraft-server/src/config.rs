@@ -153,12 +153,13 @@ impl ServerConfig {
         let allow_insecure_mqtt = c.allow_insecure_mqtt.unwrap_or(false);
         let broker_url = c.broker_url;
         if let Some(url) = &broker_url
-            && !url.starts_with("mqtt://")
+            && !(url.starts_with("mqtt://") || url.starts_with("mqtts://"))
         {
             return Err(ConfigError::Invalid {
                 what: "broker URL",
                 value: url.clone(),
-                message: "use mqtt://HOST:PORT".into(),
+                message: "use mqtt://HOST:PORT or mqtts://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]"
+                    .into(),
             });
         }
         let mqtt = match (&broker_url, c.mqtt) {

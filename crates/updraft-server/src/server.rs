@@ -11,7 +11,7 @@ use crate::artifacts::{ArtifactError, Artifacts};
 use crate::auth::KeyRing;
 use crate::config::ServerConfig;
 use crate::mqtt::broker::{Authorizer, Broker, BrokerConfig};
-use crate::mqtt::external::ExternalBus;
+use crate::mqtt::external::{BrokerTarget, ExternalBus};
 use crate::store::{SqlStore, Store, StoreError};
 use crate::tls::DeviceCa;
 
@@ -275,16 +275,16 @@ impl Server {
         let mut mqtts_addr = None;
         let mut endpoints = serde_json::json!({ "http": format!("http://{http_addr}") });
         if let Some(url) = &config.broker_url {
-            let bus = ExternalBus::connect(
+            let target = BrokerTarget::parse(
                 url,
                 std::env::var("UPDRAFT_BROKER_USERNAME").ok(),
                 std::env::var("UPDRAFT_BROKER_PASSWORD").ok(),
                 std::env::var("UPDRAFT_BROKER_SHARED_GROUP")
                     .ok()
                     .filter(|g| !g.is_empty()),
-                inbound_tx,
             )
             .map_err(|e| ServeError::Broker(e.to_string()))?;
+            let bus = ExternalBus::connect(target, inbound_tx);
             state.data_plane.set_bus(Arc::new(bus));
             endpoints["mqtt"] = serde_json::Value::String(url.clone());
         } else if let Some(addr) = config.mqtt {

@@ -1,17 +1,30 @@
 //! [`MessageBus`] over an external MQTT broker (Mosquitto, EMQX, ...).
 //!
-//! Updraft connects as one client and subscribes to every device's reserved request topics.
-//! With several Updraft replicas on one broker, set a shared-subscription group
+//! Updraft connects as one MQTT 3.1.1 client (plain TCP, or TLS with an optional client
+//! certificate) and subscribes to every device's reserved request topics. With several
+//! Updraft replicas on one broker, set a shared-subscription group
 //! (`UPDRAFT_BROKER_SHARED_GROUP`) so each request is handled once: the filters then become
 //! `$share/<group>/...`. Mosquitto 2.0 does not match shared subscriptions against topics that
 //! start with `$` (verified with 2.0.11), so on Mosquitto run one replica, or use a broker
 //! whose shared subscriptions cover `$aws/...` (EMQX). Topic isolation between devices is the
 //! broker's job: `docs/mosquitto.md` has the ACL that gives each device only its own
 //! `$aws/things/{id}/`.
+//!
+//! The client is Updraft's own (on rumqttc's codec, like the embedded broker) so that TLS
+//! goes through the same rustls/aws-lc-rs stack as everything else.
 
-use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    Connect, ConnectReturnCode, Packet, Publish, Subscribe, SubscribeFilter,
+};
+use rumqttc::mqttbytes::{self, QoS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{Inbound, MessageBus};
@@ -19,107 +32,391 @@ use super::{Inbound, MessageBus};
 /// The request topics the server consumes.
 pub const REQUEST_FILTERS: [&str; 2] = ["$aws/things/+/jobs/#", "$aws/things/+/streams/#"];
 
+/// Largest packet exchanged with the broker.
+const MAX_PACKET: usize = 256 * 1024;
+/// Messages waiting to go to the broker before further ones are dropped.
+const OUTGOING_QUEUE: usize = 8192;
+const KEEP_ALIVE_SECONDS: u16 = 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalError {
-    #[error("broker URL '{0}': use mqtt://HOST:PORT")]
+    #[error(
+        "broker URL '{0}': use mqtt://HOST:PORT or mqtts://HOST:PORT?ca=CA.pem&cert=CLIENT.pem&key=CLIENT.key"
+    )]
     Url(String),
+    #[error("broker TLS: {0}")]
+    Tls(String),
+}
+
+/// Where and how to reach the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerTarget {
+    pub host: String,
+    pub port: u16,
+    /// TLS settings, for `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub shared_group: Option<String>,
+}
+
+fn load_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<rustls::ClientConfig, ExternalError> {
+    let tls_err = |e: String| ExternalError::Tls(e);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = ca.ok_or_else(|| {
+        tls_err("mqtts:// needs ca=FILE, the CA that signed the broker's certificate".into())
+    })?;
+    for c in
+        CertificateDer::pem_file_iter(&ca).map_err(|e| tls_err(format!("{}: {e}", ca.display())))?
+    {
+        let c = c.map_err(|e| tls_err(format!("{}: {e}", ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| tls_err(format!("{}: {e}", ca.display())))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(e.to_string()))?
+        .with_root_certificates(roots);
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(&cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| tls_err(format!("{}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(&key)
+                .map_err(|e| tls_err(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| tls_err(e.to_string()))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(tls_err("give both cert= and key=, or neither".into())),
+    }
+}
+
+impl BrokerTarget {
+    /// Parses `mqtt://host:port` or `mqtts://host:port?ca=..&cert=..&key=..`.
+    pub fn parse(
+        url: &str,
+        username: Option<String>,
+        password: Option<String>,
+        shared_group: Option<String>,
+    ) -> Result<Self, ExternalError> {
+        let bad = || ExternalError::Url(url.to_owned());
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(bad());
+        };
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (host, port) = authority
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
+            .ok_or_else(bad)?;
+        let (mut ca, mut cert, mut key) = (None, None, None);
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let path = Some(PathBuf::from(v.as_ref()));
+            match k.as_ref() {
+                "ca" => ca = path,
+                "cert" => cert = path,
+                "key" => key = path,
+                _ => return Err(bad()),
+            }
+        }
+        let tls = if tls {
+            Some(Arc::new(load_tls(ca, cert, key)?))
+        } else if ca.is_some() || cert.is_some() || key.is_some() {
+            return Err(ExternalError::Tls(
+                "ca/cert/key need an mqtts:// URL".into(),
+            ));
+        } else {
+            None
+        };
+        Ok(BrokerTarget {
+            host,
+            port,
+            tls,
+            username,
+            password,
+            shared_group,
+        })
+    }
 }
 
 /// A client of an external broker.
 #[derive(Clone)]
 pub struct ExternalBus {
-    client: AsyncClient,
+    tx: mpsc::Sender<Publish>,
 }
 
 impl ExternalBus {
-    /// Connects to `mqtt://host:port` and forwards device requests to `inbound`.
-    /// `username`/`password` are the server's credentials on that broker.
-    pub fn connect(
-        url: &str,
-        username: Option<String>,
-        password: Option<String>,
-        shared_group: Option<String>,
-        inbound: mpsc::Sender<Inbound>,
-    ) -> Result<Self, ExternalError> {
-        let rest = url
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| ExternalError::Url(url.to_owned()))?;
-        let (host, port) = rest
-            .trim_end_matches('/')
-            .rsplit_once(':')
-            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
-            .ok_or_else(|| ExternalError::Url(url.to_owned()))?;
-        let mut opts = MqttOptions::new(
-            format!("updraft-{}", uuid::Uuid::new_v4().simple()),
-            host,
-            port,
-        );
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(256 * 1024, 256 * 1024);
-        opts.set_clean_session(true);
-        if let Some(u) = username {
-            opts.set_credentials(u, password.unwrap_or_default());
+    /// Connects (and keeps reconnecting) to the broker, forwarding device requests to `inbound`.
+    pub fn connect(target: BrokerTarget, inbound: mpsc::Sender<Inbound>) -> Self {
+        let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+        tokio::spawn(run(target, rx, inbound));
+        ExternalBus { tx }
+    }
+
+    fn send(&self, topic: String, payload: Bytes, qos: QoS) {
+        if self
+            .tx
+            .try_send(Publish::from_bytes(topic, qos, payload))
+            .is_err()
+        {
+            tracing::warn!("the external broker's outgoing queue is full; a message was dropped");
         }
-        let (client, eventloop) = AsyncClient::new(opts, 4096);
-        tokio::spawn(run(client.clone(), eventloop, shared_group, inbound));
-        Ok(ExternalBus { client })
     }
 }
 
-/// Drives the connection: (re)subscribes after every CONNACK and forwards requests.
+impl MessageBus for ExternalBus {
+    fn send_to(&self, _client_id: &str, topic: String, payload: Bytes) {
+        self.send(topic, payload, QoS::AtMostOnce);
+    }
+
+    fn publish(&self, topic: String, payload: Bytes) {
+        self.send(topic, payload, QoS::AtLeastOnce);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] mqttbytes::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Connects, serves, and reconnects with a growing pause after failures.
 async fn run(
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-    shared_group: Option<String>,
+    target: BrokerTarget,
+    mut outgoing: mpsc::Receiver<Publish>,
     inbound: mpsc::Sender<Inbound>,
 ) {
+    let client_id = format!("updraft-{}", uuid::Uuid::new_v4().simple());
+    let mut backoff = Duration::from_millis(200);
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!("connected to the external MQTT broker");
-                for f in REQUEST_FILTERS {
-                    let filter = match &shared_group {
-                        Some(g) => format!("$share/{g}/{f}"),
-                        None => f.to_owned(),
-                    };
-                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                        tracing::error!(error = %e, "cannot subscribe on the external broker");
+        let result = match TcpStream::connect((target.host.as_str(), target.port)).await {
+            Err(e) => Err(SessionError::Io(e)),
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                match &target.tls {
+                    None => {
+                        session(
+                            tcp,
+                            &target,
+                            &client_id,
+                            &mut outgoing,
+                            &inbound,
+                            &mut backoff,
+                        )
+                        .await
+                    }
+                    Some(config) => {
+                        let name = ServerName::try_from(target.host.clone()).map_err(|e| {
+                            SessionError::Refused(format!("bad broker host name: {e}"))
+                        });
+                        match name {
+                            Err(e) => Err(e),
+                            Ok(name) => match tokio_rustls::TlsConnector::from(config.clone())
+                                .connect(name, tcp)
+                                .await
+                            {
+                                Ok(tls) => {
+                                    session(
+                                        tls,
+                                        &target,
+                                        &client_id,
+                                        &mut outgoing,
+                                        &inbound,
+                                        &mut backoff,
+                                    )
+                                    .await
+                                }
+                                Err(e) => Err(SessionError::Io(e)),
+                            },
+                        }
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Some(thing) = p
-                    .topic
-                    .strip_prefix("$aws/things/")
-                    .and_then(|r| r.split('/').next())
-                    .map(str::to_owned)
-                else {
-                    continue;
-                };
-                if !is_request_topic(&p.topic) {
-                    continue;
-                }
-                let msg = Inbound {
-                    client_id: thing,
-                    topic: p.topic.clone(),
-                    payload: p.payload.clone(),
-                };
-                if inbound.send(msg).await.is_err() {
-                    return;
+        };
+        if inbound.is_closed() {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                tracing::warn!("the external MQTT broker closed the connection; reconnecting")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "external MQTT broker connection failed; reconnecting")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn write_packet<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    p: Packet,
+) -> Result<(), SessionError> {
+    buf.clear();
+    p.write(buf, MAX_PACKET)?;
+    w.write_all(buf).await?;
+    Ok(())
+}
+
+async fn session<S>(
+    stream: S,
+    target: &BrokerTarget,
+    client_id: &str,
+    outgoing: &mut mpsc::Receiver<Publish>,
+    inbound: &mpsc::Sender<Inbound>,
+    backoff: &mut Duration,
+) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut wbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut connect = Connect::new(client_id);
+    connect.keep_alive = KEEP_ALIVE_SECONDS;
+    connect.clean_session = true;
+    if let Some(u) = &target.username {
+        connect.set_login(u.clone(), target.password.clone().unwrap_or_default());
+    }
+    write_packet(&mut writer, &mut wbuf, Packet::Connect(connect)).await?;
+    writer.flush().await?;
+    let ack = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut reader, &mut rbuf))
+        .await
+        .map_err(|_| SessionError::Refused("no CONNACK from the broker".into()))??;
+    match ack {
+        Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => {}
+        Packet::ConnAck(a) => {
+            return Err(SessionError::Refused(format!(
+                "broker refused the connection: {:?}",
+                a.code
+            )));
+        }
+        _ => return Err(SessionError::Refused("expected CONNACK".into())),
+    }
+    let filters = REQUEST_FILTERS
+        .iter()
+        .map(|f| {
+            let path = match &target.shared_group {
+                Some(g) => format!("$share/{g}/{f}"),
+                None => (*f).to_owned(),
+            };
+            SubscribeFilter::new(path, QoS::AtLeastOnce)
+        })
+        .collect();
+    write_packet(
+        &mut writer,
+        &mut wbuf,
+        Packet::Subscribe(Subscribe { pkid: 1, filters }),
+    )
+    .await?;
+    writer.flush().await?;
+    tracing::info!(host = %target.host, port = target.port, tls = target.tls.is_some(), "connected to the external MQTT broker");
+    *backoff = Duration::from_millis(200);
+
+    let mut pkid: u16 = 1;
+    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE_SECONDS) / 2));
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            packet = read_packet(&mut reader, &mut rbuf) => {
+                match packet? {
+                    Packet::Publish(p) => {
+                        if p.qos == QoS::AtLeastOnce {
+                            write_packet(&mut writer, &mut wbuf, Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid))).await?;
+                            writer.flush().await?;
+                        }
+                        forward(p, inbound).await;
+                    }
+                    Packet::SubAck(s)
+                        if s.return_codes.iter().any(|c| matches!(c, rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure)) =>
+                    {
+                        return Err(SessionError::Refused("the broker refused Updraft's subscriptions (check its ACL)".into()));
+                    }
+                    _ => {}
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "external MQTT broker connection lost; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            msg = outgoing.recv() => {
+                let Some(mut p) = msg else { return Ok(()) };
+                // Send everything queued, then flush once.
+                loop {
+                    if p.qos != QoS::AtMostOnce {
+                        pkid = pkid.checked_add(1).unwrap_or(2).max(2);
+                        p.pkid = pkid;
+                    }
+                    let mut one = BytesMut::new();
+                    if Packet::Publish(p).write(&mut one, MAX_PACKET).is_ok() {
+                        writer.write_all(&one).await?;
+                    }
+                    match outgoing.try_recv() {
+                        Ok(next) => p = next,
+                        Err(_) => break,
+                    }
+                }
+                writer.flush().await?;
+            }
+            _ = ping.tick() => {
+                write_packet(&mut writer, &mut wbuf, Packet::PingReq).await?;
+                writer.flush().await?;
             }
         }
     }
 }
 
+async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Packet, SessionError> {
+    loop {
+        match Packet::read(buf, MAX_PACKET) {
+            Ok(p) => return Ok(p),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => {
+                if reader.read_buf(buf).await? == 0 {
+                    return Err(SessionError::Refused(
+                        "the broker closed the connection".into(),
+                    ));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn forward(p: Publish, inbound: &mpsc::Sender<Inbound>) {
+    if !is_request_topic(&p.topic) {
+        return;
+    }
+    let Some(thing) = updraft_protocol::topics::thing_of_topic(&p.topic).map(str::to_owned) else {
+        return;
+    };
+    let _ = inbound
+        .send(Inbound {
+            client_id: thing,
+            topic: p.topic,
+            payload: p.payload,
+        })
+        .await;
+}
+
 /// Device requests (jobs get/start-next/describe/update, stream get/describe); the
-/// server's own replies and notifications, which the shared subscription also matches,
-/// are not.
+/// server's own replies and notifications, which the subscription also matches, are not.
 pub fn is_request_topic(topic: &str) -> bool {
     use updraft_protocol::topics::{DeviceTopic, Namespace, TopicError};
     match DeviceTopic::parse(topic) {
@@ -133,33 +430,13 @@ pub fn is_request_topic(topic: &str) -> bool {
     }
 }
 
-impl MessageBus for ExternalBus {
-    fn send_to(&self, _client_id: &str, topic: String, payload: Bytes) {
-        if self
-            .client
-            .try_publish(topic, QoS::AtMostOnce, false, payload)
-            .is_err()
-        {
-            tracing::warn!("external MQTT publish queue is full; a response was dropped");
-        }
-    }
-
-    fn publish(&self, topic: String, payload: Bytes) {
-        if self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .is_err()
-        {
-            tracing::warn!("external MQTT publish queue is full; a notification was dropped");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn request_topics() {
-        use super::is_request_topic as r;
+        let r = is_request_topic;
         assert!(r("$aws/things/d/jobs/get"));
         assert!(r("$aws/things/d/jobs/start-next"));
         assert!(r("$aws/things/d/jobs/$next/get"));
@@ -169,5 +446,25 @@ mod tests {
         assert!(!r("$aws/things/d/jobs/notify-next"));
         assert!(!r("$aws/things/d/jobs/j1/update/rejected"));
         assert!(!r("$aws/things/d/streams/s/data/cbor"));
+    }
+
+    #[test]
+    fn broker_urls() {
+        let t = BrokerTarget::parse("mqtt://10.0.0.1:1883", None, None, None).expect("plain");
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls.is_none()),
+            ("10.0.0.1", 1883, true)
+        );
+        assert!(BrokerTarget::parse("mqtt://host", None, None, None).is_err());
+        assert!(BrokerTarget::parse("tcp://host:1", None, None, None).is_err());
+        assert!(matches!(
+            BrokerTarget::parse("mqtts://host:8883", None, None, None),
+            Err(ExternalError::Tls(_))
+        ));
+        assert!(matches!(
+            BrokerTarget::parse("mqtt://host:1883?ca=/x", None, None, None),
+            Err(ExternalError::Tls(_))
+        ));
+        assert!(BrokerTarget::parse("mqtt://host:1883?bogus=1", None, None, None).is_err());
     }
 }
