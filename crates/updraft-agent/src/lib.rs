@@ -1,0 +1,42 @@
+//! Updraft's device OTA agent: the protocol and guarantees of the reference FreeRTOS agent
+//! (ota-for-aws-iot-embedded-sdk v3), in Rust, with fewer ways to fail.
+//!
+//! - [`state`]: the agent's states and events and its state machine as one table.
+//! - [`agent`] and [`handle`]: the agent ([`init`], [`Agent::run`]) and the application's
+//!   [`AgentHandle`] — the whole `OTA_*` interface.
+//! - [`pal`]: the platform abstraction ([`Pal`]), and [`pal::memory::MemoryPal`], a complete
+//!   in-memory device.
+//! - [`job`]: job messages and the `afr_ota` document.
+//! - [`verify`]: SHA-256 + ECDSA P-256 against the certificate named by `certfile`.
+//! - [`resume`]: checkpoints of the block bitmap, so a restart resumes the download.
+//! - [`mqtt`]: the MQTT side, shareable with the application's connection.
+//! - [`status`]: job status reports with the C agent's exact `statusDetails`.
+//! - [`error`]: every error code with its text.
+//!
+//! Transports: MQTT Streams (CBOR, or JSON) today. HTTP downloads through the pre-signed
+//! URL are an extension point: the job parser keeps `update_data_url`, and the
+//! [`AgentEvent::RequestFileBlock`] handler is the one place that turns the bitmap into a
+//! request; an HTTP transport would issue Range GETs there and feed the bodies to the same
+//! [`AgentEvent::ReceivedFileBlock`] ingest step.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod error;
+pub mod handle;
+pub mod job;
+pub mod mqtt;
+pub mod pal;
+pub mod resume;
+pub mod state;
+pub mod status;
+pub mod verify;
+pub mod version;
+
+pub use agent::{Agent, AgentConfig, JobEvent, Statistics};
+pub use error::{Error, JobParseError, MqttError, OsError, OtaError, PalError, PalStatus};
+pub use handle::{AgentHandle, init};
+pub use pal::{FileContext, ImageState, Pal, PalImageState};
+pub use resume::{FileResumeStore, MemoryResumeStore, ResumeStore};
+pub use state::{AgentEvent, AgentState};
+pub use verify::CertificateStore;
+pub use version::AppVersion;
