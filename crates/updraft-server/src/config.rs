@@ -39,6 +39,7 @@ pub struct FileConfig {
     pub broker_url: Option<String>,
     pub public_url: Option<String>,
     pub allow_insecure_mqtt: Option<bool>,
+    pub signing_key_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -67,6 +68,7 @@ impl FileConfig {
             broker_url: self.broker_url.or(lower.broker_url),
             public_url: self.public_url.or(lower.public_url),
             allow_insecure_mqtt: self.allow_insecure_mqtt.or(lower.allow_insecure_mqtt),
+            signing_key_file: self.signing_key_file.or(lower.signing_key_file),
         }
     }
 }
@@ -92,6 +94,9 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Allow the plain (unauthenticated-transport) MQTT listener on a non-loopback address.
     pub allow_insecure_mqtt: bool,
+    /// The operator's key-encryption key for signing keys; `None` means
+    /// `<data-dir>/signing.key`, created on first start.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "./updraft-data";
@@ -223,6 +228,7 @@ impl ServerConfig {
             broker_url,
             public_url: c.public_url,
             allow_insecure_mqtt,
+            signing_key_file: c.signing_key_file,
         })
     }
 }
@@ -279,6 +285,27 @@ mod tests {
         let merged = cli.over(file);
         assert_eq!(merged.http.as_deref(), Some("127.0.0.1:0"));
         assert_eq!(merged.region.as_deref(), Some("eu-west-1"));
+        let file: FileConfig =
+            toml::from_str("signing-key-file = \"/etc/updraft/kek\"\n").expect("toml");
+        let flag = FileConfig {
+            signing_key_file: Some("/run/kek".into()),
+            ..FileConfig::default()
+        };
+        assert_eq!(
+            flag.over(file.clone()).signing_key_file,
+            Some(PathBuf::from("/run/kek"))
+        );
+        let resolved = ServerConfig::resolve(FileConfig::default().over(file)).expect("resolve");
+        assert_eq!(
+            resolved.signing_key_file,
+            Some(PathBuf::from("/etc/updraft/kek"))
+        );
+        assert_eq!(
+            ServerConfig::resolve(FileConfig::default())
+                .expect("defaults")
+                .signing_key_file,
+            None
+        );
     }
 
     #[test]

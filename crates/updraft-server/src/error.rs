@@ -1,6 +1,7 @@
 //! The control plane's error model: one table of AWS error codes and HTTP
-//! statuses, rendered in one place in the rest-json error shape
-//! (`x-amzn-ErrorType` header + `{"message": ...}` body).
+//! statuses, rendered in one place in the shape of the request's protocol
+//! ([`ErrorShape`]): rest-json (`x-amzn-ErrorType` header + `{"message": ...}` body),
+//! signer's rest-json (the body also names the `code`), or json 1.1 (`__type`).
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -52,7 +53,40 @@ error_codes! {
     UnrecognizedClient => ("UnrecognizedClientException", 403),
     InvalidSignature => ("InvalidSignatureException", 403),
     IncompleteSignature => ("IncompleteSignatureException", 403),
+    // signer (rest-json; every error body also carries `code`).
+    Validation => ("ValidationException", 400),
+    AccessDenied => ("AccessDeniedException", 403),
+    ServiceLimitExceeded => ("ServiceLimitExceededException", 402),
+    TooManyRequests => ("TooManyRequestsException", 429),
+    InternalServiceError => ("InternalServiceErrorException", 500),
+    // acm (json 1.1: client errors are all 400, the code travels in `__type`).
+    AcmValidation => ("ValidationException", 400),
+    AcmResourceNotFound => ("ResourceNotFoundException", 400),
+    ResourceInUse => ("ResourceInUseException", 400),
+    InvalidArn => ("InvalidArnException", 400),
+    InvalidParameter => ("InvalidParameterException", 400),
+    InvalidTag => ("InvalidTagException", 400),
+    TooManyTags => ("TooManyTagsException", 400),
+    InvalidArgs => ("InvalidArgsException", 400),
+    AcmLimitExceeded => ("LimitExceededException", 400),
+    AcmConflict => ("ConflictException", 400),
+    Serialization => ("SerializationException", 400),
+    UnknownOperation => ("UnknownOperationException", 400),
 }
+
+/// The error shapes of the protocols Updraft speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// rest-json as iot and iot-jobs-data send it: `{"message"}` and `x-amzn-ErrorType`.
+    RestJson,
+    /// rest-json as signer sends it: `{"message", "code"}` and `x-amzn-ErrorType`.
+    Signer,
+    /// json 1.1 (acm): `{"__type", "message"}`, `application/x-amz-json-1.1`.
+    Json11,
+}
+
+/// The content type of json 1.1 responses.
+pub const JSON11: &str = "application/x-amz-json-1.1";
 
 /// An error answered to a control-plane client.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,9 +130,15 @@ impl ApiError {
         e
     }
 
-    fn body(&self) -> Value {
+    fn body(&self, shape: ErrorShape) -> Value {
         let mut m = Map::new();
+        if shape == ErrorShape::Json11 {
+            m.insert("__type".into(), Value::String(self.code.name().into()));
+        }
         m.insert("message".into(), Value::String(self.message.clone()));
+        if shape == ErrorShape::Signer {
+            m.insert("code".into(), Value::String(self.code.name().into()));
+        }
         for (k, v) in &self.extra {
             m.insert((*k).into(), Value::String(v.clone()));
         }
@@ -114,16 +154,27 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error as a response in the shape of the protocol the request used.
+    pub fn into_response_as(self, shape: ErrorShape) -> Response {
         if self.code.status().is_server_error() {
             tracing::error!(code = self.code.name(), message = %self.message, "request failed");
         }
-        let mut resp = (self.code.status(), axum::Json(self.body())).into_response();
+        let mut resp = (self.code.status(), axum::Json(self.body(shape))).into_response();
         if let Ok(v) = HeaderValue::from_str(self.code.name()) {
             resp.headers_mut().insert("x-amzn-ErrorType", v);
         }
+        if shape == ErrorShape::Json11 {
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static(JSON11));
+        }
         resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.into_response_as(ErrorShape::RestJson)
     }
 }
 
@@ -165,6 +216,47 @@ mod tests {
         assert_eq!(ErrorCode::LimitExceeded.status(), StatusCode::GONE);
         assert_eq!(ErrorCode::VersionConflict.status(), StatusCode::CONFLICT);
         assert_eq!(ErrorCode::InvalidSignature.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn signer_and_json11_shapes() {
+        async fn body_of(resp: Response) -> Value {
+            let bytes = axum::body::to_bytes(resp.into_body(), 4096)
+                .await
+                .expect("body");
+            serde_json::from_slice(&bytes).expect("json")
+        }
+        let signer =
+            ApiError::new(ErrorCode::Validation, "bad").into_response_as(ErrorShape::Signer);
+        assert_eq!(signer.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            signer
+                .headers()
+                .get("x-amzn-ErrorType")
+                .and_then(|v| v.to_str().ok()),
+            Some("ValidationException")
+        );
+        assert_eq!(
+            body_of(signer).await,
+            serde_json::json!({"message": "bad", "code": "ValidationException"})
+        );
+        let acm = ApiError::new(ErrorCode::AcmResourceNotFound, "gone")
+            .into_response_as(ErrorShape::Json11);
+        assert_eq!(acm.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            acm.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some(JSON11)
+        );
+        assert_eq!(
+            body_of(acm).await,
+            serde_json::json!({"__type": "ResourceNotFoundException", "message": "gone"})
+        );
+        // iot's shape is unchanged: no `code`, no `__type`.
+        let iot = ApiError::not_found("x").into_response();
+        assert_eq!(iot.status(), StatusCode::NOT_FOUND);
+        assert_eq!(body_of(iot).await, serde_json::json!({"message": "x"}));
     }
 
     #[test]

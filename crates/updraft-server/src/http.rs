@@ -1,6 +1,8 @@
 //! The one HTTP listener: authenticates every request with SigV4 and dispatches on the
 //! service named in its credential scope (the iot and iot-jobs-data routes collide, so
-//! the path alone cannot tell them apart).
+//! the path alone cannot tell them apart): `iot`, `iot-jobs-data`, `signer` (rest-json),
+//! `acm` (json 1.1, `POST /` with `X-Amz-Target`) and `s3`. Errors take the shape of the
+//! service's protocol.
 
 use axum::Router;
 use axum::body::Body;
@@ -11,7 +13,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::auth::{self, AuthError, Claim, SignedRequest};
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, ErrorShape, JSON11};
 use crate::server::AppState;
 
 /// Largest control-plane request body (job documents are ≤ 32 KiB).
@@ -52,6 +54,12 @@ fn looks_like_s3(path: &str) -> bool {
     !API_ROOTS.contains(&first)
 }
 
+/// Paths of the signer service (for answering unsigned requests in its shape).
+fn looks_like_signer(path: &str) -> bool {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    first.starts_with("signing-")
+}
+
 /// A control-plane request after authentication.
 pub struct ApiRequest {
     pub service: String,
@@ -79,7 +87,28 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     resp
 }
 
+/// An ACM (json 1.1) request: `X-Amz-Target: CertificateManager.<Operation>`.
+fn is_acm(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("CertificateManager."))
+}
+
+/// The error shape of a service.
+fn shape_of(service: &str) -> ErrorShape {
+    match service {
+        "signer" => ErrorShape::Signer,
+        "acm" => ErrorShape::Json11,
+        _ => ErrorShape::RestJson,
+    }
+}
+
 fn auth_error(e: &AuthError, s3: bool) -> Response {
+    auth_error_as(e, s3, ErrorShape::RestJson)
+}
+
+fn auth_error_as(e: &AuthError, s3: bool, shape: ErrorShape) -> Response {
     if s3 {
         let code = match e {
             AuthError::Missing => "AccessDenied",
@@ -99,7 +128,7 @@ fn auth_error(e: &AuthError, s3: bool) -> Response {
             ErrorCode::InvalidSignature
         }
     };
-    ApiError::new(code, e.to_string()).into_response()
+    ApiError::new(code, e.to_string()).into_response_as(shape)
 }
 
 async fn dispatch_inner(state: AppState, req: Request) -> Response {
@@ -114,6 +143,10 @@ async fn dispatch_inner(state: AppState, req: Request) -> Response {
     };
     let claim = match Claim::from_request(&signed) {
         Ok(c) => c,
+        Err(e) if is_acm(&parts.headers) => return auth_error_as(&e, false, ErrorShape::Json11),
+        Err(e) if looks_like_signer(&raw_path) => {
+            return auth_error_as(&e, false, ErrorShape::Signer);
+        }
         Err(e) => return auth_error(&e, looks_like_s3(&raw_path)),
     };
     let now = crate::clock::now_ms();
@@ -124,16 +157,22 @@ async fn dispatch_inner(state: AppState, req: Request) -> Response {
         };
         return crate::s3::handle(&state, &principal, parts, body).await;
     }
+    let shape = shape_of(&claim.service);
     let body = match axum::body::to_bytes(body, MAX_API_BODY).await {
         Ok(b) => b,
         Err(_) => {
-            return ApiError::invalid(format!("request body exceeds {MAX_API_BODY} bytes"))
-                .into_response();
+            let code = match shape {
+                ErrorShape::Signer => ErrorCode::Validation,
+                ErrorShape::Json11 => ErrorCode::AcmValidation,
+                ErrorShape::RestJson => ErrorCode::InvalidRequest,
+            };
+            return ApiError::new(code, format!("request body exceeds {MAX_API_BODY} bytes"))
+                .into_response_as(shape);
         }
     };
     let body_hash = hex::encode(Sha256::digest(&body));
     if let Err(e) = auth::verify(&signed, &claim, &state.keys, Some(&body_hash), now) {
-        return auth_error(&e, false);
+        return auth_error_as(&e, false, shape);
     }
     let segments: Vec<String> = raw_path
         .trim_start_matches('/')
@@ -152,14 +191,22 @@ async fn dispatch_inner(state: AppState, req: Request) -> Response {
     let result = match api.service.as_str() {
         "iot" => crate::iot::handle(&state, &api).await,
         "iot-jobs-data" => crate::dataplane::jobs_http::handle(&state, &api).await,
+        "signer" => crate::signer::handle(&state, &api).await,
+        "acm" => crate::acm::handle(&state, &api).await,
         other => Err(ApiError::new(
             ErrorCode::NotImplemented,
             format!("Updraft does not serve the '{other}' service"),
         )),
     };
-    match result {
-        Ok(value) => json_response(value),
-        Err(e) => e.into_response(),
+    match (result, shape) {
+        (Ok(value), ErrorShape::Json11) => {
+            let mut resp = json_response(value);
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static(JSON11));
+            resp
+        }
+        (Ok(value), _) => json_response(value),
+        (Err(e), shape) => e.into_response_as(shape),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Updraft server: AWS IoT's OTA control plane, an S3-compatible artifact
 //! endpoint, and the store they share. See `docs/ARCHITECTURE.md`.
 
+pub mod acm;
 pub mod artifacts;
 pub mod auth;
 pub mod clock;
@@ -12,5 +13,6 @@ pub mod iot;
 pub mod mqtt;
 pub mod s3;
 pub mod server;
+pub mod signer;
 pub mod store;
 pub mod tls;

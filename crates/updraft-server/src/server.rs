@@ -29,6 +29,17 @@ pub enum ServeError {
     },
     #[error("MQTT broker: {0}")]
     Broker(String),
+    #[error("signing key: {0}")]
+    SigningKey(#[from] crate::signer::kek::KekError),
+    #[error(
+        "the signing key-encryption key {file} (id {current}) is not the one this installation's private keys are \
+         sealed under (id {expected}); start with the original key (--signing-key-file) or data directory"
+    )]
+    WrongSigningKey {
+        file: String,
+        current: String,
+        expected: String,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -52,6 +63,8 @@ pub struct AppState {
     pub device_ca: Arc<DeviceCa>,
     /// The host devices connect to (DescribeEndpoint).
     pub device_endpoint: String,
+    /// The key-encryption key that seals code-signing private keys at rest.
+    pub signing_key: Arc<crate::signer::kek::Kek>,
 }
 
 impl AppState {
@@ -153,6 +166,33 @@ fn write_client_files(dir: &Path, id: &Identity, region: &str) -> Result<(), Ser
     Ok(())
 }
 
+/// Loads (or creates) the key-encryption key and checks it is the one the installation's
+/// private keys are sealed under: the first key an installation starts with is recorded
+/// (by id, never the key) and a different one is refused, so replicas sharing a database
+/// must share the key too.
+async fn load_signing_key(
+    store: &dyn Store,
+    config: &ServerConfig,
+) -> Result<crate::signer::kek::Kek, ServeError> {
+    let kek = crate::signer::kek::Kek::load_or_create(
+        config.signing_key_file.as_deref(),
+        &config.data_dir,
+    )?;
+    let expected = store.init_setting("signing_kek_id", kek.id()).await?;
+    if expected != kek.id() {
+        let file = config
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join(crate::signer::kek::KEK_FILE));
+        return Err(ServeError::WrongSigningKey {
+            file: file.display().to_string(),
+            current: kek.id().to_owned(),
+            expected,
+        });
+    }
+    Ok(kek)
+}
+
 /// A server that is bound and ready; [`Server::run`] serves until `shutdown` resolves.
 pub struct Server {
     listener: TcpListener,
@@ -222,6 +262,7 @@ impl Server {
         let store = SqlStore::connect(&config.database).await?;
         let identity = ensure_identity(&store).await?;
         write_client_files(dir, &identity, &config.region)?;
+        let signing_key = load_signing_key(&store, config).await?;
         let artifacts = Artifacts::from_url(&config.artifacts)?;
         let listener = TcpListener::bind(config.http)
             .await
@@ -262,6 +303,7 @@ impl Server {
             data_plane: Arc::new(crate::dataplane::DataPlane::default()),
             device_ca: Arc::new(device_ca),
             device_endpoint,
+            signing_key: Arc::new(signing_key),
         };
         state.data_plane.set_presigner(crate::dataplane::Presigner {
             base_url: public_url,
@@ -324,6 +366,10 @@ impl Server {
         crate::dataplane::spawn_workers(state.clone(), inbound_rx, DATA_PLANE_WORKERS);
         write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
         tracing::info!(%http_addr, mqtt = ?mqtt_addr, database = %redact(&config.database), artifacts = ?state.artifacts, "updraft is listening");
+        let signing = crate::signer::jobs::resume_pending(&state).await?;
+        if signing > 0 {
+            tracing::info!(signing, "resuming signing jobs left in progress");
+        }
         let resumed = crate::iot::ota::resume_pending(&state).await?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming the creation of OTA updates left pending");

@@ -942,6 +942,375 @@ async fn object_listing_with_delimiters_and_pages(s: Arc<dyn Store>) {
     ));
 }
 
+// ------------------------------------------------------------------ signing
+
+fn acm_certificate(id: &str, created_ms: i64) -> AcmCertificate {
+    AcmCertificate {
+        id: id.into(),
+        arn: format!("arn:aws:acm:us-east-1:123456789012:certificate/{id}"),
+        certificate_pem: "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n".into(),
+        chain_pem: None,
+        sealed_private_key: "v1:abcd:c2VhbGVk".into(),
+        key_algorithm: "EC_prime256v1".into(),
+        domain_name: Some("signer.example.com".into()),
+        subject: "CN=signer.example.com".into(),
+        issuer: "CN=signer.example.com".into(),
+        serial: "01:02".into(),
+        not_before_ms: 1_000,
+        not_after_ms: 9_000_000,
+        tags: BTreeMap::from([("team".to_owned(), "fw".to_owned())]),
+        created_ms,
+        imported_ms: created_ms,
+    }
+}
+
+fn signing_profile(name: &str, cert_arn: &str, platform: &str) -> SigningProfile {
+    SigningProfile {
+        name: name.into(),
+        version: "Ab3dE6gH9j".into(),
+        platform_id: platform.into(),
+        certificate_arn: cert_arn.into(),
+        signing_parameters: BTreeMap::from([("certname".to_owned(), "/certs/s.pem".to_owned())]),
+        validity_value: 135,
+        validity_type: "MONTHS".into(),
+        overrides: None,
+        status: ProfileStatus::Active,
+        tags: BTreeMap::new(),
+        created_ms: 1_000,
+        updated_ms: 1_000,
+    }
+}
+
+fn signing_job(id: &str, token: &str, created_ms: i64) -> SigningJob {
+    SigningJob {
+        id: id.into(),
+        client_request_token: token.into(),
+        profile_name: "p1".into(),
+        profile_version: "Ab3dE6gH9j".into(),
+        platform_id: "AmazonFreeRTOS-Default".into(),
+        certificate_arn: "arn:aws:acm:us-east-1:123456789012:certificate/c1".into(),
+        signing_parameters: BTreeMap::from([("certname".to_owned(), "/certs/s.pem".to_owned())]),
+        overrides: Some(serde_json::json!({"signingImageFormat": "JSONEmbedded"})),
+        validity_value: 135,
+        validity_type: "MONTHS".into(),
+        source_bucket: "fw".into(),
+        source_key: "fw.bin".into(),
+        source_version: "v1".into(),
+        destination_bucket: "fw".into(),
+        destination_prefix: "signed/".into(),
+        signed_key: None,
+        signed_version: None,
+        signature: None,
+        payload_size: None,
+        payload_sha256: None,
+        status: SigningJobStatus::InProgress,
+        status_reason: None,
+        requested_by: "arn:aws:iam::123456789012:root".into(),
+        created_ms,
+        completed_ms: None,
+        signature_expires_ms: None,
+    }
+}
+
+async fn acm_certificates_and_profile_references(s: Arc<dyn Store>) {
+    for (i, id) in ["c3", "c1", "c2"].iter().enumerate() {
+        let created = 1_000 + i64::try_from(i).expect("small");
+        s.create_acm_certificate(&acm_certificate(id, created))
+            .await
+            .expect("create");
+    }
+    assert!(matches!(
+        s.create_acm_certificate(&acm_certificate("c1", 5)).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let got = s
+        .get_acm_certificate("c1")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(got, acm_certificate("c1", 1_001));
+    assert!(s.get_acm_certificate("nope").await.expect("get").is_none());
+
+    // Import order, both directions, across pages.
+    let asc: Vec<String> = all_pages(2, |p| {
+        let s = s.clone();
+        async move { s.list_acm_certificates(false, &p).await }
+    })
+    .await
+    .into_iter()
+    .map(|c| c.id)
+    .collect();
+    assert_eq!(asc, ["c3", "c1", "c2"]);
+    let desc: Vec<String> = all_pages(1, |p| {
+        let s = s.clone();
+        async move { s.list_acm_certificates(true, &p).await }
+    })
+    .await
+    .into_iter()
+    .map(|c| c.id)
+    .collect();
+    assert_eq!(desc, ["c2", "c1", "c3"]);
+
+    // Re-import replaces the material and keeps identity, tags and creation time.
+    let mut re = acm_certificate("c1", 77);
+    re.subject = "CN=renewed".into();
+    re.sealed_private_key = "v1:abcd:bmV3".into();
+    re.tags.clear();
+    re.imported_ms = 5_000;
+    s.reimport_acm_certificate(&re).await.expect("reimport");
+    let got = s
+        .get_acm_certificate("c1")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(got.subject, "CN=renewed");
+    assert_eq!(got.sealed_private_key, "v1:abcd:bmV3");
+    assert_eq!(got.created_ms, 1_001);
+    assert_eq!(got.imported_ms, 5_000);
+    assert_eq!(got.tags.get("team").map(String::as_str), Some("fw"));
+    assert!(matches!(
+        s.reimport_acm_certificate(&acm_certificate("missing", 1))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // A profile needs its certificate; an Active profile keeps it from deletion.
+    let arn = got.arn.clone();
+    assert!(matches!(
+        s.create_signing_profile(&signing_profile(
+            "p0",
+            "arn:aws:acm:us-east-1:123456789012:certificate/none",
+            "AmazonFreeRTOS-Default"
+        ))
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    let p1 = signing_profile("p1", &arn, "AmazonFreeRTOS-Default");
+    s.create_signing_profile(&p1).await.expect("profile");
+    assert_eq!(
+        s.get_signing_profile("p1").await.expect("get"),
+        Some(p1.clone())
+    );
+    assert!(matches!(
+        s.create_signing_profile(&p1).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        s.profiles_using_certificate(&arn)
+            .await
+            .expect("users")
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["p1"]
+    );
+    assert!(matches!(
+        s.delete_acm_certificate("c1").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let canceled = s
+        .set_signing_profile_status("p1", ProfileStatus::Canceled, 2_000)
+        .await
+        .expect("cancel");
+    assert_eq!(canceled.status, ProfileStatus::Canceled);
+    assert_eq!(canceled.updated_ms, 2_000);
+    assert!(matches!(
+        s.set_signing_profile_status("p1", ProfileStatus::Canceled, 3_000)
+            .await,
+        Err(StoreError::InvalidState(_))
+    ));
+    assert!(matches!(
+        s.set_signing_profile_status("nope", ProfileStatus::Canceled, 3_000)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // A canceled profile's name stays taken.
+    assert!(matches!(
+        s.create_signing_profile(&p1).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    s.delete_acm_certificate("c1").await.expect("delete");
+    assert!(s.get_acm_certificate("c1").await.expect("get").is_none());
+    assert!(matches!(
+        s.delete_acm_certificate("c1").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn signing_profiles_filters_and_pages(s: Arc<dyn Store>) {
+    let cert = acm_certificate("c1", 1_000);
+    s.create_acm_certificate(&cert).await.expect("cert");
+    for i in 0..7 {
+        let platform = if i % 2 == 0 {
+            "AmazonFreeRTOS-Default"
+        } else {
+            "AmazonFreeRTOS-TI-CC3220SF"
+        };
+        s.create_signing_profile(&signing_profile(&format!("p{i}"), &cert.arn, platform))
+            .await
+            .expect("profile");
+    }
+    for name in ["p1", "p4"] {
+        s.set_signing_profile_status(name, ProfileStatus::Canceled, 2_000)
+            .await
+            .expect("cancel");
+    }
+    s.set_signing_profile_status("p5", ProfileStatus::Revoked, 2_000)
+        .await
+        .expect("revoke");
+    let names = |statuses: Vec<ProfileStatus>, platform: Option<&str>| {
+        let s = s.clone();
+        let filter = ProfileFilter {
+            statuses,
+            platform_id: platform.map(str::to_owned),
+        };
+        async move {
+            all_pages(2, |p| {
+                let s = s.clone();
+                let filter = filter.clone();
+                async move { s.list_signing_profiles(&filter, &p).await }
+            })
+            .await
+            .into_iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        names(vec![ProfileStatus::Active], None).await,
+        ["p0", "p2", "p3", "p6"]
+    );
+    assert_eq!(
+        names(vec![ProfileStatus::Active, ProfileStatus::Canceled], None).await,
+        ["p0", "p1", "p2", "p3", "p4", "p6"]
+    );
+    assert_eq!(names(ProfileStatus::ALL.to_vec(), None).await.len(), 7);
+    assert_eq!(names(vec![ProfileStatus::Revoked], None).await, ["p5"]);
+    assert_eq!(
+        names(
+            ProfileStatus::ALL.to_vec(),
+            Some("AmazonFreeRTOS-TI-CC3220SF")
+        )
+        .await,
+        ["p1", "p3", "p5"]
+    );
+    assert!(names(Vec::new(), None).await.is_empty());
+}
+
+async fn signing_jobs_idempotent_complete_and_list(s: Arc<dyn Store>) {
+    let first = signing_job("j1", "token-1", 1_000);
+    assert_eq!(s.create_signing_job(&first).await.expect("create"), first);
+    // The same token answers with the first job, whatever else differs.
+    let again = signing_job("j1-other", "token-1", 9_000);
+    assert_eq!(s.create_signing_job(&again).await.expect("again"), first);
+    assert!(s.get_signing_job("j1-other").await.expect("get").is_none());
+    assert_eq!(
+        s.get_signing_job_by_token("token-1")
+            .await
+            .expect("by token"),
+        Some(first.clone())
+    );
+
+    let mut done = first.clone();
+    done.status = SigningJobStatus::Succeeded;
+    done.status_reason = Some("Signing Succeeded".into());
+    done.signed_key = Some("signed/j1".into());
+    done.signed_version = Some("v9".into());
+    done.signature = Some("MEUCIQ==".into());
+    done.payload_size = Some(70_001);
+    done.payload_sha256 = Some("ab".repeat(32));
+    done.completed_ms = Some(1_500);
+    done.signature_expires_ms = Some(50_000);
+    s.complete_signing_job(&done).await.expect("complete");
+    assert_eq!(
+        s.get_signing_job("j1").await.expect("get"),
+        Some(done.clone())
+    );
+    let mut twice = done.clone();
+    twice.status = SigningJobStatus::Failed;
+    assert!(matches!(
+        s.complete_signing_job(&twice).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    assert!(matches!(
+        s.complete_signing_job(&signing_job("nope", "t", 1)).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // More jobs: j2..j6, one per millisecond, and two in the same millisecond.
+    for i in 2..=6 {
+        let mut j = signing_job(&format!("j{i}"), &format!("token-{i}"), 1_000 + i);
+        if i == 4 {
+            j.platform_id = "AmazonFreeRTOS-TI-CC3220SF".into();
+        }
+        s.create_signing_job(&j).await.expect("job");
+    }
+    s.create_signing_job(&signing_job("j7a", "token-7a", 2_000))
+        .await
+        .expect("job");
+    s.create_signing_job(&signing_job("j7b", "token-7b", 2_000))
+        .await
+        .expect("job");
+    let list = |filter: SigningJobFilter| {
+        let s = s.clone();
+        async move {
+            all_pages(2, |p| {
+                let s = s.clone();
+                let filter = filter.clone();
+                async move { s.list_signing_jobs(&filter, &p).await }
+            })
+            .await
+            .into_iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        list(SigningJobFilter::default()).await,
+        ["j7b", "j7a", "j6", "j5", "j4", "j3", "j2", "j1"]
+    );
+    assert_eq!(
+        list(SigningJobFilter {
+            status: Some(SigningJobStatus::Succeeded),
+            ..SigningJobFilter::default()
+        })
+        .await,
+        ["j1"]
+    );
+    assert_eq!(
+        list(SigningJobFilter {
+            platform_id: Some("AmazonFreeRTOS-TI-CC3220SF".into()),
+            ..SigningJobFilter::default()
+        })
+        .await,
+        ["j4"]
+    );
+    assert_eq!(
+        list(SigningJobFilter {
+            signature_expires_before: Some(60_000),
+            ..SigningJobFilter::default()
+        })
+        .await,
+        ["j1"]
+    );
+    assert!(
+        list(SigningJobFilter {
+            signature_expires_after: Some(60_000),
+            ..SigningJobFilter::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert!(
+        list(SigningJobFilter {
+            requested_by: Some("someone-else".into()),
+            ..SigningJobFilter::default()
+        })
+        .await
+        .is_empty()
+    );
+}
+
 // ------------------------------------------------------------------ harness
 
 macro_rules! conformance {
@@ -978,6 +1347,9 @@ conformance!(
     ota_update_records,
     objects_follow_bucket_versioning,
     object_listing_with_delimiters_and_pages,
+    acm_certificates_and_profile_references,
+    signing_profiles_filters_and_pages,
+    signing_jobs_idempotent_complete_and_list,
 );
 
 #[tokio::test]

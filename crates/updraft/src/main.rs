@@ -1,6 +1,7 @@
 //! `updraft`: the operator's command. `updraft serve` runs the whole system.
 
 mod bench;
+mod signing;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -26,12 +27,17 @@ enum Command {
     /// Measure data-plane throughput against a raw broker round trip, in one run.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Sign a file with a private key and print the base64 signature (for customCodeSigning).
+    Sign(signing::SignArgs),
+    /// Code-signing helpers.
+    #[command(subcommand)]
+    Signer(signing::Signer),
 }
 
 /// Every option: flag, then `UPDRAFT_*` environment variable, then the TOML file, then default.
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML file with any of: data-dir, http, database, artifacts, region.
+    /// TOML file with any of the options below, by their long names (data-dir, http, database, ...).
     #[arg(long, env = "UPDRAFT_CONFIG")]
     config: Option<PathBuf>,
     /// Directory for the SQLite database, artifacts, credentials and endpoints.json [default: ./updraft-data]
@@ -67,6 +73,9 @@ struct ServeArgs {
     /// Allow the plain MQTT listener on a non-loopback address (devices are not authenticated on it)
     #[arg(long, env = "UPDRAFT_ALLOW_INSECURE_MQTT")]
     allow_insecure_mqtt: bool,
+    /// Key-encryption key for code-signing private keys (32 bytes: raw, hex or base64) [default: <data-dir>/signing.key, created on first start]
+    #[arg(long, env = "UPDRAFT_SIGNING_KEY_FILE")]
+    signing_key_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -83,6 +92,7 @@ impl ServeArgs {
             broker_url: self.broker_url,
             public_url: self.public_url,
             allow_insecure_mqtt: self.allow_insecure_mqtt.then_some(true),
+            signing_key_file: self.signing_key_file,
         };
         let file = match &self.config {
             Some(path) => FileConfig::load(path)?,
@@ -152,5 +162,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Bench(b) => runtime.block_on(bench::run(b)),
+        Command::Sign(args) => signing::sign(args),
+        Command::Signer(cmd) => signing::run(cmd),
     }
 }

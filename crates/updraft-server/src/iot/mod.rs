@@ -11,6 +11,7 @@ mod groups;
 mod job_config;
 mod jobs;
 pub mod ota;
+mod ota_signing;
 mod streams;
 mod things;
 

@@ -5,6 +5,15 @@
 //! then moves it through CREATE_IN_PROGRESS to CREATE_COMPLETE (stream and job created)
 //! or CREATE_FAILED with `errorInfo`. Updates left pending by a stopped server are
 //! resumed at start ([`resume_pending`]); every creation step is idempotent.
+//!
+//! Code signing, per file: `customCodeSigning` carries the caller's signature;
+//! `awsSignerJobId` reuses a Succeeded signing job (its signature, and `certfile` from its
+//! profile's `certname`); `startSigningJobParameter` has the build start a signing job
+//! (creating the profile from `signingProfileParameter` if asked) and wait for it. Either
+//! signer variant delivers the job's raw payload, written (as AWS does) as the newest
+//! version of the signed object's key, and keys the signature by the platform's
+//! algorithms (`sig-sha256-ecdsa` for AmazonFreeRTOS-Default). The signing parts live in
+//! `ota_signing.rs`.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,12 +31,18 @@ use super::job_config::{
     TimeoutConfig,
 };
 use super::jobs::{JobSpec, create_job, resolve_targets};
+use super::ota_signing::{
+    CodeSigning, SignerFile, SigningMethod, finished_job, is_payload_version, job_algorithms,
+    payload_stream_file, plan_signing_start, repoint_stream, run_signing, signing_method,
+    signing_token, size_mismatch,
+};
 use super::streams::S3Location;
 use super::{Query, Tag, body, check_id, check_tags, put_opt, with_token};
 use crate::clock::{epoch_seconds, now_ms};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::http::ApiRequest;
 use crate::server::AppState;
+use crate::signer::profiles::CERTNAME;
 use crate::store::{OtaUpdate, PageRequest, StoreError, StreamFile};
 
 /// The job id AWS derives from an OTA update id.
@@ -66,35 +81,6 @@ struct FileLocation {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct InlineDocument {
-    inline_document: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CertificateChain {
-    certificate_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CustomCodeSigning {
-    signature: Option<InlineDocument>,
-    certificate_chain: Option<CertificateChain>,
-    hash_algorithm: Option<String>,
-    signature_algorithm: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CodeSigning {
-    aws_signer_job_id: Option<String>,
-    start_signing_job_parameter: Option<Value>,
-    custom_code_signing: Option<CustomCodeSigning>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct OtaFileInput {
     file_name: Option<String>,
     file_type: Option<i64>,
@@ -123,6 +109,8 @@ struct CreateOtaRequest {
 /// What creating an update will make: an optional new stream and the job.
 struct Plan {
     new_stream_files: Vec<StreamFile>,
+    /// Files completed from the signer while building.
+    signing: Vec<SignerFile>,
     document: OtaJobDocument,
     targets: Vec<String>,
     target_selection: TargetSelection,
@@ -207,6 +195,7 @@ async fn plan(state: &AppState, r: &CreateOtaRequest, stream_id: &str) -> ApiRes
     let mut doc_files = Vec::new();
     let mut new_stream_files = Vec::new();
     let mut existing_stream: Option<String> = None;
+    let mut signing = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let file_type = f
             .file_type
@@ -220,81 +209,171 @@ async fn plan(state: &AppState, r: &CreateOtaRequest, stream_id: &str) -> ApiRes
         for v in f.attributes.iter().flat_map(|m| m.values()) {
             PARAMETER_VALUE.check("files.attributes", v)?;
         }
-        let loc = f
-            .file_location
-            .as_ref()
-            .ok_or_else(|| ApiError::invalid(format!("files[{i}].fileLocation is required.")))?;
+        let method = signing_method(i, f.code_signing.as_ref())?;
+        // The signer job whose signed object this file is delivered from, when it is.
+        let signer_job = match &method {
+            Some(SigningMethod::Job(id)) => Some(finished_job(state, i, id).await?),
+            _ => None,
+        };
+        let signed_object = signer_job.as_ref().and_then(|j| {
+            j.signed_key
+                .clone()
+                .map(|k| (j.destination_bucket.clone(), k))
+        });
+        let mut task: Option<SignerFile> = None;
         // (bucket, key) for HTTP delivery, stream file id, size.
-        let (object, file_id, size) = match (&loc.stream, &loc.s3_location) {
-            (Some(_), Some(_)) | (None, None) => {
+        let (object, file_id, size) = match (&f.file_location, &method) {
+            (None, Some(SigningMethod::Job(_))) => {
+                let job = signer_job
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("signing job lost"))?;
+                let (bucket, key) = signed_object
+                    .clone()
+                    .ok_or_else(|| ApiError::internal("signed object lost"))?;
+                let size = job.payload_size.unwrap_or(0);
+                let (file_id, stream_index) =
+                    payload_stream_file(mqtt, i, &mut new_stream_files, &bucket, &key, size);
+                task = Some(SignerFile::payload(i, stream_index, None, job));
+                ((bucket, key), file_id, size)
+            }
+            (None, _) => {
                 return Err(ApiError::invalid(format!(
-                    "files[{i}].fileLocation needs exactly one of stream and s3Location."
+                    "files[{i}].fileLocation is required (it may be omitted only with codeSigning.awsSignerJobId)."
                 )));
             }
-            (Some(s), None) => {
-                let sid = s.stream_id.as_deref().ok_or_else(|| {
-                    ApiError::invalid(format!(
-                        "files[{i}].fileLocation.stream.streamId is required."
-                    ))
-                })?;
-                check_id("streamId", &updraft_protocol::ids::STREAM_ID, sid)?;
-                let fid = s.file_id.unwrap_or(0);
-                let stream =
-                    state.store.get_stream(sid).await?.ok_or_else(|| {
+            (Some(loc), method) => match (&loc.stream, &loc.s3_location) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(ApiError::invalid(format!(
+                        "files[{i}].fileLocation needs exactly one of stream and s3Location."
+                    )));
+                }
+                (Some(_), None) if matches!(method, Some(SigningMethod::Start(_))) => {
+                    return Err(ApiError::invalid(format!(
+                        "files[{i}]: startSigningJobParameter signs an S3 object; give fileLocation.s3Location, not a stream."
+                    )));
+                }
+                (Some(s), None) => {
+                    let sid = s.stream_id.as_deref().ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "files[{i}].fileLocation.stream.streamId is required."
+                        ))
+                    })?;
+                    check_id("streamId", &updraft_protocol::ids::STREAM_ID, sid)?;
+                    let fid = s.file_id.unwrap_or(0);
+                    let stream = state.store.get_stream(sid).await?.ok_or_else(|| {
                         ApiError::not_found(format!("Stream {sid} cannot be found."))
                     })?;
-                let sf = stream
-                    .files
-                    .iter()
-                    .find(|sf| i64::from(sf.file_id) == fid)
-                    .ok_or_else(|| {
-                        ApiError::not_found(format!("Stream {sid} has no file with fileId {fid}."))
-                    })?;
-                match &existing_stream {
-                    Some(other) if other != sid => {
-                        return Err(ApiError::invalid(
-                            "All files of an OTA update must come from one stream.",
-                        ));
+                    let sf = stream
+                        .files
+                        .iter()
+                        .find(|sf| i64::from(sf.file_id) == fid)
+                        .ok_or_else(|| {
+                            ApiError::not_found(format!(
+                                "Stream {sid} has no file with fileId {fid}."
+                            ))
+                        })?;
+                    match &existing_stream {
+                        Some(other) if other != sid => {
+                            return Err(ApiError::invalid(
+                                "All files of an OTA update must come from one stream.",
+                            ));
+                        }
+                        _ => existing_stream = Some(sid.to_owned()),
                     }
-                    _ => existing_stream = Some(sid.to_owned()),
+                    let mut size = sf.size;
+                    if let Some(job) = &signer_job {
+                        let payload_size = job.payload_size.unwrap_or(0);
+                        if signed_object.as_ref() == Some(&(sf.bucket.clone(), sf.key.clone())) {
+                            // The stream names the signer's output: devices must get the
+                            // payload, which becomes that key's newest version.
+                            if sf.version.is_some()
+                                && !is_payload_version(state, job, &sf.resolved_version).await?
+                            {
+                                return Err(ApiError::invalid(format!(
+                                    "files[{i}]: stream {sid} file {fid} is pinned to version {} of s3://{}/{}, signing job {}'s \
+                                     JSON document, not the firmware; give the stream file no version (it then follows the \
+                                     payload), or omit fileLocation to let the update make its own stream.",
+                                    sf.resolved_version, sf.bucket, sf.key, job.id
+                                )));
+                            }
+                            task = Some(SignerFile::payload(
+                                i,
+                                None,
+                                Some((sid.to_owned(), sf.file_id)),
+                                job,
+                            ));
+                            size = payload_size;
+                        } else if sf.size != payload_size {
+                            return Err(size_mismatch(i, &sf.bucket, &sf.key, sf.size, job));
+                        }
+                    }
+                    (
+                        (sf.bucket.clone(), sf.key.clone()),
+                        u32::from(sf.file_id),
+                        size,
+                    )
                 }
-                (
-                    (sf.bucket.clone(), sf.key.clone()),
-                    u32::from(sf.file_id),
-                    sf.size,
-                )
-            }
-            (None, Some(s3)) => {
-                let next_id = u8::try_from(new_stream_files.len()).unwrap_or(u8::MAX);
-                let sf = s3.resolve(state, next_id).await?;
-                let size = sf.size;
-                let object = (sf.bucket.clone(), sf.key.clone());
-                let file_id = if mqtt {
-                    new_stream_files.push(sf);
-                    u32::from(next_id)
-                } else {
-                    u32::try_from(i).unwrap_or(u32::MAX)
-                };
-                (object, file_id, size)
-            }
+                (None, Some(s3)) => {
+                    let next_id = u8::try_from(new_stream_files.len()).unwrap_or(u8::MAX);
+                    let names_signed = signed_object.as_ref()
+                        == Some(&(
+                            s3.bucket.clone().unwrap_or_default(),
+                            s3.key.clone().unwrap_or_default(),
+                        ));
+                    if let (Some(job), true) = (&signer_job, names_signed) {
+                        let (bucket, key) = signed_object
+                            .clone()
+                            .ok_or_else(|| ApiError::internal("signed object lost"))?;
+                        let size = job.payload_size.unwrap_or(0);
+                        let (file_id, stream_index) = payload_stream_file(
+                            mqtt,
+                            i,
+                            &mut new_stream_files,
+                            &bucket,
+                            &key,
+                            size,
+                        );
+                        task = Some(SignerFile::payload(i, stream_index, None, job));
+                        ((bucket, key), file_id, size)
+                    } else {
+                        let sf = s3.resolve(state, next_id).await?;
+                        let size = sf.size;
+                        let object = (sf.bucket.clone(), sf.key.clone());
+                        if let Some(job) = &signer_job
+                            && Some(size) != job.payload_size
+                        {
+                            return Err(size_mismatch(i, &sf.bucket, &sf.key, size, job));
+                        }
+                        if let Some(SigningMethod::Start(p)) = method {
+                            let start = plan_signing_start(state, i, p, &sf).await?;
+                            let stream_index = mqtt.then_some(new_stream_files.len());
+                            task = Some(SignerFile {
+                                doc_index: i,
+                                stream_index,
+                                repoint: None,
+                                job: None,
+                                start: Some(start),
+                            });
+                        }
+                        let file_id = if mqtt {
+                            new_stream_files.push(sf);
+                            u32::from(next_id)
+                        } else {
+                            u32::try_from(i).unwrap_or(u32::MAX)
+                        };
+                        (object, file_id, size)
+                    }
+                }
+            },
         };
         if size == 0 {
             return Err(ApiError::invalid(format!(
                 "files[{i}] is empty; an OTA file needs at least one byte."
             )));
         }
-        let (signature, cert_file) = match &f.code_signing {
+        let (signature, cert_file) = match &method {
             None => (None, None),
-            Some(cs) => {
-                if cs.aws_signer_job_id.is_some() || cs.start_signing_job_parameter.is_some() {
-                    return Err(ApiError::invalid(
-                        "codeSigning with awsSignerJobId or startSigningJobParameter needs the signer service, \
-                         which Updraft does not provide yet; sign the file yourself and use customCodeSigning.",
-                    ));
-                }
-                let custom = cs.custom_code_signing.as_ref().ok_or_else(|| {
-                    ApiError::invalid(format!("files[{i}].codeSigning names no signing method."))
-                })?;
+            Some(SigningMethod::Custom(custom)) => {
                 let sig = custom
                     .signature
                     .as_ref()
@@ -314,7 +393,31 @@ async fn plan(state: &AppState, r: &CreateOtaRequest, stream_id: &str) -> ApiRes
                         .and_then(|c| c.certificate_name.clone()),
                 )
             }
+            Some(SigningMethod::Job(_)) => {
+                let job = signer_job
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("signing job lost"))?;
+                let (hash, encryption) = job_algorithms(job);
+                (
+                    Some(Signature {
+                        hash_algorithm: Some(hash.to_owned()),
+                        signature_algorithm: Some(encryption.to_owned()),
+                        value: job.signature.clone().unwrap_or_default(),
+                    }),
+                    job.signing_parameters.get(CERTNAME).cloned(),
+                )
+            }
+            // Filled in when the update is built, from the job it starts.
+            Some(SigningMethod::Start(_)) => (
+                None,
+                task.as_ref()
+                    .and_then(|t| t.start.as_ref())
+                    .and_then(|s| s.certfile.clone()),
+            ),
         };
+        if let Some(t) = task {
+            signing.push(t);
+        }
         doc_files.push(OtaFile {
             file_path: f.file_name.clone().unwrap_or_else(|| object.1.clone()),
             file_size: size,
@@ -374,6 +477,7 @@ async fn plan(state: &AppState, r: &CreateOtaRequest, stream_id: &str) -> ApiRes
     })?;
     Ok(Plan {
         new_stream_files,
+        signing,
         document: OtaJobDocument {
             protocols,
             stream_name,
@@ -511,7 +615,54 @@ async fn build(state: &AppState, ota: &OtaUpdate) -> ApiResult<()> {
     let r: CreateOtaRequest = serde_json::from_value(ota.request.clone())
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let stream_id = ota.stream_id.clone().unwrap_or_default();
-    let plan = plan(state, &r, &stream_id).await?;
+    let mut plan = plan(state, &r, &stream_id).await?;
+    let http = plan.document.protocols.contains(&Protocol::Http);
+    for task in &plan.signing {
+        let job = match (&task.start, &task.job) {
+            (Some(start), _) => run_signing(state, ota, task.doc_index, start).await?,
+            (None, Some(job)) => job.clone(),
+            (None, None) => continue,
+        };
+        let file = plan
+            .document
+            .files
+            .get_mut(task.doc_index)
+            .ok_or_else(|| ApiError::internal("planned file is missing"))?;
+        if task.start.is_some() {
+            let (hash, encryption) = job_algorithms(&job);
+            file.signature = Some(Signature {
+                hash_algorithm: Some(hash.to_owned()),
+                signature_algorithm: Some(encryption.to_owned()),
+                value: job
+                    .signature
+                    .clone()
+                    .ok_or_else(|| ApiError::internal("signing job has no signature"))?,
+            });
+        }
+        // Devices get the raw payload, written as the signed object's newest version.
+        let payload = crate::signer::objects::payload_version(state, &job).await?;
+        file.file_size = payload.size;
+        if http {
+            file.update_data_url = Some(presigned_placeholder(
+                &state.region,
+                &payload.bucket,
+                &payload.key,
+            ));
+        }
+        if let Some(sf) = task
+            .stream_index
+            .and_then(|i| plan.new_stream_files.get_mut(i))
+        {
+            sf.bucket = payload.bucket.clone();
+            sf.key = payload.key.clone();
+            sf.version = None;
+            sf.resolved_version = payload.version_id.clone();
+            sf.size = payload.size;
+        }
+        if let Some((sid, fid)) = &task.repoint {
+            repoint_stream(state, sid, *fid, &payload).await?;
+        }
+    }
     if !plan.new_stream_files.is_empty() && state.store.get_stream(&stream_id).await?.is_none() {
         super::streams::insert(
             state,
@@ -587,10 +738,25 @@ pub(super) async fn get(state: &AppState, id: &str) -> ApiResult<Value> {
             .cloned()
             .unwrap_or_else(|| json!("SNAPSHOT")),
     );
-    m.insert(
-        "otaUpdateFiles".into(),
-        req.get("files").cloned().unwrap_or_else(|| json!([])),
-    );
+    let mut files = req.get("files").cloned().unwrap_or_else(|| json!([]));
+    // Files signed by a job the update started name that job, as on AWS.
+    if let Some(list) = files.as_array_mut() {
+        for (i, f) in list.iter_mut().enumerate() {
+            let Some(cs) = f.get_mut("codeSigning").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            if cs.contains_key("startSigningJobParameter")
+                && !cs.contains_key("awsSignerJobId")
+                && let Some(job) = state
+                    .store
+                    .get_signing_job_by_token(&signing_token(&o, i))
+                    .await?
+            {
+                cs.insert("awsSignerJobId".into(), json!(job.id));
+            }
+        }
+    }
+    m.insert("otaUpdateFiles".into(), files);
     m.insert("otaUpdateStatus".into(), json!(o.status.as_str()));
     if let Some(job) = &o.job_id {
         m.insert("awsIotJobId".into(), json!(job));

@@ -106,6 +106,24 @@ pub struct ObjectListing {
     pub next_after: Option<String>,
 }
 
+/// Filters of ListSigningProfiles: the statuses to include (never empty) and a platform.
+#[derive(Debug, Clone)]
+pub struct ProfileFilter {
+    pub statuses: Vec<ProfileStatus>,
+    pub platform_id: Option<String>,
+}
+
+/// Filters of ListSigningJobs.
+#[derive(Debug, Clone, Default)]
+pub struct SigningJobFilter {
+    pub status: Option<SigningJobStatus>,
+    pub platform_id: Option<String>,
+    pub requested_by: Option<String>,
+    /// Only jobs whose signature expires before / after these instants (epoch ms).
+    pub signature_expires_before: Option<i64>,
+    pub signature_expires_after: Option<i64>,
+}
+
 /// What happened to an object on delete.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeleteOutcome {
@@ -126,6 +144,7 @@ pub trait Store:
     + CertificateStore
     + OtaStore
     + ObjectIndex
+    + SigningStore
     + Send
     + Sync
     + 'static
@@ -140,6 +159,7 @@ impl<T> Store for T where
         + CertificateStore
         + OtaStore
         + ObjectIndex
+        + SigningStore
         + Send
         + Sync
         + 'static
@@ -423,4 +443,67 @@ pub trait ObjectIndex: Send + Sync {
     async fn delete_upload(&self, upload_id: &str) -> StoreResult<Vec<String>>;
 
     async fn list_uploads(&self, bucket: &str) -> StoreResult<Vec<MultipartUpload>>;
+}
+
+/// Code signing: imported certificates (ACM), signing profiles and signing jobs.
+#[async_trait]
+pub trait SigningStore: Send + Sync {
+    async fn create_acm_certificate(&self, cert: &AcmCertificate) -> StoreResult<()>;
+
+    async fn get_acm_certificate(&self, id: &str) -> StoreResult<Option<AcmCertificate>>;
+
+    /// Certificates in import order (newest first with `descending`).
+    async fn list_acm_certificates(
+        &self,
+        descending: bool,
+        page: &PageRequest,
+    ) -> StoreResult<Page<AcmCertificate>>;
+
+    /// Replaces a certificate's material (re-import); id, ARN, tags and creation stay.
+    async fn reimport_acm_certificate(&self, cert: &AcmCertificate) -> StoreResult<()>;
+
+    /// Deletes a certificate; refuses (`Conflict`) while an Active signing profile uses it.
+    async fn delete_acm_certificate(&self, id: &str) -> StoreResult<()>;
+
+    /// The signing profiles (any status) that use a certificate ARN.
+    async fn profiles_using_certificate(&self, arn: &str) -> StoreResult<Vec<SigningProfile>>;
+
+    /// Creates a profile; a name already taken (in any status) is `AlreadyExists`.
+    async fn create_signing_profile(&self, profile: &SigningProfile) -> StoreResult<()>;
+
+    async fn get_signing_profile(&self, name: &str) -> StoreResult<Option<SigningProfile>>;
+
+    /// Profiles in name order.
+    async fn list_signing_profiles(
+        &self,
+        filter: &ProfileFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<SigningProfile>>;
+
+    /// Moves an Active profile to `status`; a profile that is not Active is `InvalidState`.
+    async fn set_signing_profile_status(
+        &self,
+        name: &str,
+        status: ProfileStatus,
+        now_ms: i64,
+    ) -> StoreResult<SigningProfile>;
+
+    /// Records a new InProgress job, unless a job with its client request token exists:
+    /// then that job is returned unchanged (StartSigningJob is idempotent on the token).
+    async fn create_signing_job(&self, job: &SigningJob) -> StoreResult<SigningJob>;
+
+    async fn get_signing_job(&self, id: &str) -> StoreResult<Option<SigningJob>>;
+
+    async fn get_signing_job_by_token(&self, token: &str) -> StoreResult<Option<SigningJob>>;
+
+    /// Jobs, newest first.
+    async fn list_signing_jobs(
+        &self,
+        filter: &SigningJobFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<SigningJob>>;
+
+    /// Records the outcome of an InProgress job (status, reason, signed object, signature,
+    /// completion); a job that is no longer InProgress is `InvalidState`.
+    async fn complete_signing_job(&self, job: &SigningJob) -> StoreResult<()>;
 }

@@ -203,3 +203,162 @@ pub struct Certificate {
     pub created_ms: i64,
     pub updated_ms: i64,
 }
+
+/// A certificate imported through the ACM subset, with its private key sealed under the
+/// installation's key-encryption key. The key is never returned by any API.
+#[derive(Clone, PartialEq)]
+pub struct AcmCertificate {
+    /// The UUID in the ARN.
+    pub id: String,
+    pub arn: String,
+    pub certificate_pem: String,
+    pub chain_pem: Option<String>,
+    /// The PKCS#8 private key, sealed with AES-256-GCM (see `signer::kek`).
+    pub sealed_private_key: String,
+    /// ACM's name for the key type: `EC_prime256v1`, `RSA_2048`, ...
+    pub key_algorithm: String,
+    pub domain_name: Option<String>,
+    pub subject: String,
+    pub issuer: String,
+    /// Colon-separated lower-case hex, as ACM shows serials.
+    pub serial: String,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+    pub tags: BTreeMap<String, String>,
+    pub created_ms: i64,
+    pub imported_ms: i64,
+}
+
+impl std::fmt::Debug for AcmCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The sealed key stays out of logs and panics.
+        f.debug_struct("AcmCertificate")
+            .field("arn", &self.arn)
+            .field("key_algorithm", &self.key_algorithm)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Status of a signing profile (signer's CamelCase values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProfileStatus {
+    Active,
+    Canceled,
+    Revoked,
+}
+
+impl ProfileStatus {
+    pub const ALL: [ProfileStatus; 3] = [
+        ProfileStatus::Active,
+        ProfileStatus::Canceled,
+        ProfileStatus::Revoked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileStatus::Active => "Active",
+            ProfileStatus::Canceled => "Canceled",
+            ProfileStatus::Revoked => "Revoked",
+        }
+    }
+}
+
+impl std::str::FromStr for ProfileStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ProfileStatus::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("'{s}' is not one of Active, Canceled, Revoked"))
+    }
+}
+
+/// A signing profile: a certificate, a platform and signing parameters under a name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningProfile {
+    pub name: String,
+    /// Ten alphanumerics, part of `profileVersionArn`.
+    pub version: String,
+    pub platform_id: String,
+    pub certificate_arn: String,
+    pub signing_parameters: BTreeMap<String, String>,
+    pub validity_value: i64,
+    /// `DAYS`, `MONTHS` or `YEARS`.
+    pub validity_type: String,
+    /// The `overrides` member as given (validated against the platform).
+    pub overrides: Option<serde_json::Value>,
+    pub status: ProfileStatus,
+    pub tags: BTreeMap<String, String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Status of a signing job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SigningJobStatus {
+    InProgress,
+    Failed,
+    Succeeded,
+}
+
+impl SigningJobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningJobStatus::InProgress => "InProgress",
+            SigningJobStatus::Failed => "Failed",
+            SigningJobStatus::Succeeded => "Succeeded",
+        }
+    }
+}
+
+impl std::str::FromStr for SigningJobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            SigningJobStatus::InProgress,
+            SigningJobStatus::Failed,
+            SigningJobStatus::Succeeded,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| format!("'{s}' is not one of InProgress, Failed, Succeeded"))
+    }
+}
+
+/// A signing job. The profile's settings are copied in at start, so a job describes what
+/// it signed with even after the profile changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningJob {
+    /// A UUID.
+    pub id: String,
+    /// StartSigningJob's idempotency token.
+    pub client_request_token: String,
+    pub profile_name: String,
+    pub profile_version: String,
+    pub platform_id: String,
+    pub certificate_arn: String,
+    pub signing_parameters: BTreeMap<String, String>,
+    pub overrides: Option<serde_json::Value>,
+    pub validity_value: i64,
+    pub validity_type: String,
+    pub source_bucket: String,
+    pub source_key: String,
+    pub source_version: String,
+    pub destination_bucket: String,
+    pub destination_prefix: String,
+    /// Where the signed object was written (set on success).
+    pub signed_key: Option<String>,
+    pub signed_version: Option<String>,
+    /// Base64 of the DER signature (set on success).
+    pub signature: Option<String>,
+    /// Size and SHA-256 (hex) of the signed payload (set on success).
+    pub payload_size: Option<u64>,
+    pub payload_sha256: Option<String>,
+    pub status: SigningJobStatus,
+    pub status_reason: Option<String>,
+    pub requested_by: String,
+    pub created_ms: i64,
+    pub completed_ms: Option<i64>,
+    pub signature_expires_ms: Option<i64>,
+}

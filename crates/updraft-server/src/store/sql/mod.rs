@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "certificates",
         include_str!("../../../migrations/0002_certificates.sql"),
     ),
+    (
+        3,
+        "signing",
+        include_str!("../../../migrations/0003_signing.sql"),
+    ),
 ];
 
 /// The SQL implementation of [`Store`].
@@ -100,6 +105,7 @@ mod jobs;
 mod objects;
 mod ota;
 mod settings;
+mod signing;
 mod streams;
 mod things;
 
