@@ -17,6 +17,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::mqtt::{Inbound, MessageBus};
@@ -41,7 +42,19 @@ pub struct DataPlane {
     files: Mutex<FileCache>,
     /// Group commit of device execution updates (started with the workers).
     writer: OnceLock<writer::ExecutionWriter>,
+    /// Streams as recently read, and which blob holds each of their files: a fleet asking
+    /// for blocks of one stream costs the database one read per [`METADATA_TTL`].
+    stream_meta: Mutex<HashMap<String, (Instant, Arc<crate::store::Stream>)>>,
+    blobs: Mutex<HashMap<ObjectRef, (Instant, String, u64)>>,
 }
+
+/// (bucket, key, version id) of an object version.
+type ObjectRef = (String, String, String);
+
+/// How long stream metadata may be served from memory. Changes made through this server
+/// (UpdateStream, DeleteStream) invalidate it at once; this bounds how long a change made
+/// through another replica can go unseen.
+const METADATA_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Blob contents by blob name, bounded by total size (oldest out first). Blobs are
 /// immutable, so entries never go stale.
@@ -156,11 +169,59 @@ impl DataPlane {
     }
 
     /// The contents of a stream file (from the cache when it is there).
-    pub async fn file_bytes(
+    /// A stream, from memory if it was read less than [`METADATA_TTL`] ago.
+    pub async fn stream(
+        &self,
+        state: &AppState,
+        stream_id: &str,
+    ) -> crate::store::StoreResult<Option<Arc<crate::store::Stream>>> {
+        let now = Instant::now();
+        if let Some((at, s)) = self
+            .stream_meta
+            .lock()
+            .ok()
+            .and_then(|m| m.get(stream_id).cloned())
+            && now.duration_since(at) < METADATA_TTL
+        {
+            return Ok(Some(s));
+        }
+        let Some(s) = state.store.get_stream(stream_id).await? else {
+            return Ok(None);
+        };
+        let s = Arc::new(s);
+        if let Ok(mut m) = self.stream_meta.lock() {
+            if m.len() > 10_000 {
+                m.retain(|_, (at, _)| now.duration_since(*at) < METADATA_TTL);
+            }
+            m.insert(stream_id.to_owned(), (now, s.clone()));
+        }
+        Ok(Some(s))
+    }
+
+    /// Forgets what is cached about a stream (it was updated or deleted).
+    pub fn invalidate_stream(&self, stream_id: &str) {
+        if let Ok(mut m) = self.stream_meta.lock() {
+            m.remove(stream_id);
+        }
+    }
+
+    /// The blob and size of a stream file's object version.
+    async fn blob_of(
         &self,
         state: &AppState,
         file: &crate::store::StreamFile,
-    ) -> Result<Bytes, String> {
+    ) -> Result<(String, u64), String> {
+        let key = (
+            file.bucket.clone(),
+            file.key.clone(),
+            file.resolved_version.clone(),
+        );
+        let now = Instant::now();
+        if let Some((at, blob, size)) = self.blobs.lock().ok().and_then(|m| m.get(&key).cloned())
+            && now.duration_since(at) < METADATA_TTL
+        {
+            return Ok((blob, size));
+        }
         let object = state
             .store
             .get_object(&file.bucket, &file.key, Some(&file.resolved_version))
@@ -168,18 +229,34 @@ impl DataPlane {
             .map_err(|e| e.to_string())?
             .filter(|o| !o.delete_marker)
             .ok_or_else(|| format!("the object behind file {} no longer exists", file.file_id))?;
-        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(&object.blob)) {
+        if let Ok(mut m) = self.blobs.lock() {
+            if m.len() > 10_000 {
+                m.retain(|_, (at, _, _)| now.duration_since(*at) < METADATA_TTL);
+            }
+            m.insert(key, (now, object.blob.clone(), object.size));
+        }
+        Ok((object.blob, object.size))
+    }
+
+    /// The contents of a stream file (from the cache when it is there).
+    pub async fn file_bytes(
+        &self,
+        state: &AppState,
+        file: &crate::store::StreamFile,
+    ) -> Result<Bytes, String> {
+        let (blob, size) = self.blob_of(state, file).await?;
+        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(&blob)) {
             return Ok(b);
         }
         let data = state
             .artifacts
-            .read_all(&object.blob, object.size)
+            .read_all(&blob, size)
             .await
             .map_err(|e| e.to_string())?;
-        if object.size <= MAX_CACHED_FILE
+        if size <= MAX_CACHED_FILE
             && let Ok(mut c) = self.files.lock()
         {
-            c.insert(object.blob.clone(), data.clone());
+            c.insert(blob, data.clone());
         }
         Ok(data)
     }

@@ -12,6 +12,7 @@ use super::reply;
 use crate::mqtt::{Inbound, MessageBus};
 use crate::server::AppState;
 use crate::store::Stream;
+use std::sync::Arc;
 
 fn topic(thing: &str, stream_id: &str, kind: &str, format: Format) -> String {
     format!(
@@ -43,8 +44,8 @@ pub(super) async fn handle(
     }
 }
 
-async fn load_stream(state: &AppState, stream_id: &str) -> Result<Stream, StreamError> {
-    match state.store.get_stream(stream_id).await {
+async fn load_stream(state: &AppState, stream_id: &str) -> Result<Arc<Stream>, StreamError> {
+    match state.data_plane.stream(state, stream_id).await {
         Ok(Some(s)) => Ok(s),
         Ok(None) => Err(StreamError::new(
             RejectCode::ResourceNotFound,
@@ -76,7 +77,7 @@ async fn describe(
     let resp = DescribeStreamResponse {
         client_token: token,
         stream_version: u64::try_from(stream.version).unwrap_or(0),
-        description: stream.description.unwrap_or_default(),
+        description: stream.description.clone().unwrap_or_default(),
         files: stream
             .files
             .iter()

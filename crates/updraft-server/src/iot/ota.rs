@@ -851,6 +851,7 @@ async fn delete_parts(
         }
     }
     if delete_stream && let Some(stream_id) = &ota.stream_id {
+        state.data_plane.invalidate_stream(stream_id);
         match state.store.delete_stream(stream_id).await {
             Ok(()) | Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),

@@ -497,6 +497,7 @@ pub(super) async fn repoint_stream(
     s.version += 1;
     s.updated_ms = now_ms();
     state.store.update_stream(&s, previous).await?;
+    state.data_plane.invalidate_stream(&s.id);
     Ok(())
 }
 

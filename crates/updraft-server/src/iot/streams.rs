@@ -244,11 +244,13 @@ pub(super) async fn update(state: &AppState, req: &ApiRequest, id: &str) -> ApiR
     s.version += 1;
     s.updated_ms = now_ms();
     state.store.update_stream(&s, previous).await?;
+    state.data_plane.invalidate_stream(id);
     Ok(Value::Object(summary(state, &s)))
 }
 
 pub(super) async fn delete(state: &AppState, id: &str) -> ApiResult<Value> {
     check_id("streamId", &STREAM_ID, id)?;
     state.store.delete_stream(id).await?;
+    state.data_plane.invalidate_stream(id);
     Ok(json!({}))
 }

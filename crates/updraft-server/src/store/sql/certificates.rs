@@ -41,11 +41,12 @@ impl CertificateStore for SqlStore {
     }
 
     async fn get_certificate(&self, id: &str) -> StoreResult<Option<Certificate>> {
-        let row = sqlx::query("SELECT * FROM certificates WHERE certificate_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_certificate).transpose()
+        self.one_by_key(
+            "SELECT * FROM certificates WHERE certificate_id = $1",
+            id,
+            row_certificate,
+        )
+        .await
     }
 
     async fn list_certificates(&self, page: &PageRequest) -> StoreResult<Page<Certificate>> {

@@ -5,7 +5,7 @@
 //! the write lock up front with `BEGIN IMMEDIATE`, PostgreSQL locks rows with
 //! `FOR UPDATE`), the collation of key columns, and the migration lock.
 
-use sqlx::any::AnyPoolOptions;
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -221,6 +221,20 @@ impl SqlStore {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
         })
+    }
+
+    /// The row `sql` selects with its one parameter bound to `key`, decoded by `decode`.
+    async fn one_by_key<T>(
+        &self,
+        sql: &'static str,
+        key: &str,
+        decode: fn(&AnyRow) -> StoreResult<T>,
+    ) -> StoreResult<Option<T>> {
+        let row = sqlx::query(sql)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode).transpose()
     }
 
     /// `sql` with a row lock when reading inside a write transaction.

@@ -181,11 +181,12 @@ impl ObjectIndex for SqlStore {
     }
 
     async fn get_bucket(&self, name: &str) -> StoreResult<Option<Bucket>> {
-        let row = sqlx::query("SELECT name, versioning, created_ms FROM buckets WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_bucket).transpose()
+        self.one_by_key(
+            "SELECT name, versioning, created_ms FROM buckets WHERE name = $1",
+            name,
+            row_bucket,
+        )
+        .await
     }
 
     async fn list_buckets(&self) -> StoreResult<Vec<Bucket>> {
@@ -456,11 +457,12 @@ impl ObjectIndex for SqlStore {
     }
 
     async fn get_upload(&self, upload_id: &str) -> StoreResult<Option<MultipartUpload>> {
-        let row = sqlx::query("SELECT * FROM multipart_uploads WHERE upload_id = $1")
-            .bind(upload_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_upload).transpose()
+        self.one_by_key(
+            "SELECT * FROM multipart_uploads WHERE upload_id = $1",
+            upload_id,
+            row_upload,
+        )
+        .await
     }
 
     async fn put_part(&self, p: &UploadPart) -> StoreResult<Option<String>> {

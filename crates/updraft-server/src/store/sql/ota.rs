@@ -45,11 +45,12 @@ impl OtaStore for SqlStore {
     }
 
     async fn get_ota_update(&self, id: &str) -> StoreResult<Option<OtaUpdate>> {
-        let row = sqlx::query("SELECT * FROM ota_updates WHERE ota_update_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_ota).transpose()
+        self.one_by_key(
+            "SELECT * FROM ota_updates WHERE ota_update_id = $1",
+            id,
+            row_ota,
+        )
+        .await
     }
 
     async fn list_ota_updates(

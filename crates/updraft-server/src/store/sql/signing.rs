@@ -150,11 +150,12 @@ impl SigningStore for SqlStore {
     }
 
     async fn get_acm_certificate(&self, id: &str) -> StoreResult<Option<AcmCertificate>> {
-        let row = sqlx::query("SELECT * FROM acm_certificates WHERE certificate_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_certificate).transpose()
+        self.one_by_key(
+            "SELECT * FROM acm_certificates WHERE certificate_id = $1",
+            id,
+            row_certificate,
+        )
+        .await
     }
 
     async fn list_acm_certificates(
@@ -301,11 +302,12 @@ impl SigningStore for SqlStore {
     }
 
     async fn get_signing_profile(&self, name: &str) -> StoreResult<Option<SigningProfile>> {
-        let row = sqlx::query("SELECT * FROM signing_profiles WHERE profile_name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_profile).transpose()
+        self.one_by_key(
+            "SELECT * FROM signing_profiles WHERE profile_name = $1",
+            name,
+            row_profile,
+        )
+        .await
     }
 
     async fn list_signing_profiles(

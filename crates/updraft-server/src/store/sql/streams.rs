@@ -41,11 +41,8 @@ impl StreamStore for SqlStore {
     }
 
     async fn get_stream(&self, id: &str) -> StoreResult<Option<Stream>> {
-        let row = sqlx::query("SELECT * FROM streams WHERE stream_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_stream).transpose()
+        self.one_by_key("SELECT * FROM streams WHERE stream_id = $1", id, row_stream)
+            .await
     }
 
     async fn list_streams(&self, ascending: bool, page: &PageRequest) -> StoreResult<Page<Stream>> {

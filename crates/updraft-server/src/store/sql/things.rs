@@ -71,11 +71,8 @@ impl ThingStore for SqlStore {
     }
 
     async fn get_thing(&self, name: &str) -> StoreResult<Option<Thing>> {
-        let row = sqlx::query("SELECT * FROM things WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_thing).transpose()
+        self.one_by_key("SELECT * FROM things WHERE name = $1", name, row_thing)
+            .await
     }
 
     async fn list_things(
@@ -223,11 +220,12 @@ impl ThingStore for SqlStore {
     }
 
     async fn get_thing_group(&self, name: &str) -> StoreResult<Option<ThingGroup>> {
-        let row = sqlx::query("SELECT * FROM thing_groups WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_group).transpose()
+        self.one_by_key(
+            "SELECT * FROM thing_groups WHERE name = $1",
+            name,
+            row_group,
+        )
+        .await
     }
 
     async fn list_thing_groups(
