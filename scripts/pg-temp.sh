@@ -20,6 +20,11 @@ as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# initdb refuses to run as root: as root, run PostgreSQL as 'postgres' (created if missing).
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+fi
+
 case "$cmd" in
 start)
   rm -rf "$dir"; mkdir -p "$dir"
