@@ -22,7 +22,7 @@ export UPDRAFT_TEST_POSTGRES_URL
 echo "== rust tests"
 cargo test --workspace --quiet
 
-export UPDRAFT_BIN="$PWD/target/debug/updraft"
+export UPDRAFT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/updraft"
 echo "== aws CLI / boto3 suite (SQLite)"
 .venv/bin/python -m pytest tests/aws -q
 echo "== aws CLI / boto3 suite (PostgreSQL)"
