@@ -287,6 +287,21 @@ def test_broker_survives_hostile_clients_and_takes_over_client_ids(server, thing
         second.close()
 
 
+def test_silent_clients_are_dropped_after_keep_alive(server, thing):
+    """MQTT 3.1.1: a client silent for 1.5 keep-alive periods is disconnected."""
+    host, port = server.endpoints["mqtt"].split("://", 1)[1].rsplit(":", 1)
+    cid = thing.encode()
+    rest = b"\x00\x04MQTT\x04\x02" + (1).to_bytes(2, "big") + len(cid).to_bytes(2, "big") + cid
+    s = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        s.sendall(b"\x10" + bytes([len(rest)]) + rest)
+        assert s.recv(4) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+        # Then say nothing: the broker must close the connection (keep-alive 1 s → 1.5 s).
+        assert s.recv(16) == b""
+    finally:
+        s.close()
+
+
 def test_mutual_tls_identity(server, thing, tmp_path):
     other = unique("dev")
     server.aws("iot", "create-thing", "--thing-name", other)

@@ -362,6 +362,8 @@ impl Broker {
         out.clear();
         // MQTT: the server disconnects after 1.5 keep-alive periods of silence.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        // Only what the client sends keeps it alive; messages sent to it do not.
+        let mut heard = tokio::time::Instant::now();
         let mut next_pkid: u16 = 0;
         loop {
             // Handle every complete packet already buffered.
@@ -386,7 +388,7 @@ impl Broker {
             }
             let read = async {
                 match idle {
-                    Some(d) => tokio::time::timeout(d, reader.read_buf(&mut buf))
+                    Some(d) => tokio::time::timeout_at(heard + d, reader.read_buf(&mut buf))
                         .await
                         .map_err(|_| ConnError::Refused("keep-alive expired"))?
                         .map_err(ConnError::from),
@@ -395,6 +397,7 @@ impl Broker {
             };
             tokio::select! {
                 n = read => {
+                    heard = tokio::time::Instant::now();
                     if n? == 0 {
                         return Ok(());
                     }
