@@ -520,10 +520,7 @@ impl Broker {
     /// Delivers to the subscribers of `topic`. Only the thing named in an
     /// `$aws/things/{thing}/` topic can have subscribed to it.
     fn route(&self, topic: &str, payload: Bytes, qos: QoS) {
-        let Some(thing) = topic
-            .strip_prefix("$aws/things/")
-            .and_then(|rest| rest.split('/').next())
-        else {
+        let Some(thing) = updraft_protocol::topics::thing_of_topic(topic) else {
             return;
         };
         let tx = match self.inner.sessions.lock() {
