@@ -21,23 +21,21 @@ fn row_certificate(r: &AnyRow) -> StoreResult<Certificate> {
 #[async_trait]
 impl CertificateStore for SqlStore {
     async fn create_certificate(&self, c: &Certificate) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO certificates (certificate_id, status, pem, not_before_ms, not_after_ms, created_ms, \
-             updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        self.insert_one(
+            sqlx::query(
+                "INSERT INTO certificates (certificate_id, status, pem, not_before_ms, not_after_ms, created_ms, \
+                 updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&c.id)
+            .bind(&c.status)
+            .bind(&c.pem)
+            .bind(c.not_before_ms)
+            .bind(c.not_after_ms)
+            .bind(c.created_ms)
+            .bind(c.updated_ms),
+            || format!("Certificate {} already exists", c.id),
         )
-        .bind(&c.id)
-        .bind(&c.status)
-        .bind(&c.pem)
-        .bind(c.not_before_ms)
-        .bind(c.not_after_ms)
-        .bind(c.created_ms)
-        .bind(c.updated_ms)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| on_duplicate(e, || format!("Certificate {} already exists", c.id)))?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn get_certificate(&self, id: &str) -> StoreResult<Option<Certificate>> {

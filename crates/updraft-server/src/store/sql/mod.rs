@@ -223,6 +223,20 @@ impl SqlStore {
         })
     }
 
+    /// Runs one INSERT on its own (a single statement is its own transaction); a duplicate
+    /// key becomes `AlreadyExists(what())`.
+    async fn insert_one<'q>(
+        &self,
+        insert: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
+        what: impl FnOnce() -> String,
+    ) -> StoreResult<()> {
+        insert
+            .execute(&self.pool)
+            .await
+            .map_err(|e| on_duplicate(e, what))?;
+        Ok(())
+    }
+
     /// The row `sql` selects with its one parameter bound to `key`, decoded by `decode`.
     async fn one_by_key<T>(
         &self,

@@ -23,25 +23,23 @@ fn row_ota(r: &AnyRow) -> StoreResult<OtaUpdate> {
 #[async_trait]
 impl OtaStore for SqlStore {
     async fn create_ota_update(&self, o: &OtaUpdate) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO ota_updates (ota_update_id, status, request, job_id, stream_id, error_code, \
-             error_message, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        self.insert_one(
+            sqlx::query(
+                "INSERT INTO ota_updates (ota_update_id, status, request, job_id, stream_id, error_code, \
+                 error_message, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&o.id)
+            .bind(o.status.as_str())
+            .bind(to_json(&o.request)?)
+            .bind(&o.job_id)
+            .bind(&o.stream_id)
+            .bind(&o.error_code)
+            .bind(&o.error_message)
+            .bind(o.created_ms)
+            .bind(o.updated_ms),
+            || format!("OTA update {} already exists", o.id),
         )
-        .bind(&o.id)
-        .bind(o.status.as_str())
-        .bind(to_json(&o.request)?)
-        .bind(&o.job_id)
-        .bind(&o.stream_id)
-        .bind(&o.error_code)
-        .bind(&o.error_message)
-        .bind(o.created_ms)
-        .bind(o.updated_ms)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| on_duplicate(e, || format!("OTA update {} already exists", o.id)))?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn get_ota_update(&self, id: &str) -> StoreResult<Option<OtaUpdate>> {

@@ -121,32 +121,30 @@ impl SqlStore {
 #[async_trait]
 impl SigningStore for SqlStore {
     async fn create_acm_certificate(&self, c: &AcmCertificate) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO acm_certificates (certificate_id, arn, certificate_pem, chain_pem, private_key, \
-             key_algorithm, domain_name, subject, issuer, serial, not_before_ms, not_after_ms, tags, created_ms, \
-             imported_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        self.insert_one(
+            sqlx::query(
+                "INSERT INTO acm_certificates (certificate_id, arn, certificate_pem, chain_pem, private_key, \
+                 key_algorithm, domain_name, subject, issuer, serial, not_before_ms, not_after_ms, tags, created_ms, \
+                 imported_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            )
+            .bind(&c.id)
+            .bind(&c.arn)
+            .bind(&c.certificate_pem)
+            .bind(&c.chain_pem)
+            .bind(&c.sealed_private_key)
+            .bind(&c.key_algorithm)
+            .bind(&c.domain_name)
+            .bind(&c.subject)
+            .bind(&c.issuer)
+            .bind(&c.serial)
+            .bind(c.not_before_ms)
+            .bind(c.not_after_ms)
+            .bind(to_json(&c.tags)?)
+            .bind(c.created_ms)
+            .bind(c.imported_ms),
+            || format!("Certificate {} already exists.", c.arn),
         )
-        .bind(&c.id)
-        .bind(&c.arn)
-        .bind(&c.certificate_pem)
-        .bind(&c.chain_pem)
-        .bind(&c.sealed_private_key)
-        .bind(&c.key_algorithm)
-        .bind(&c.domain_name)
-        .bind(&c.subject)
-        .bind(&c.issuer)
-        .bind(&c.serial)
-        .bind(c.not_before_ms)
-        .bind(c.not_after_ms)
-        .bind(to_json(&c.tags)?)
-        .bind(c.created_ms)
-        .bind(c.imported_ms)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| on_duplicate(e, || format!("Certificate {} already exists.", c.arn)))?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn get_acm_certificate(&self, id: &str) -> StoreResult<Option<AcmCertificate>> {

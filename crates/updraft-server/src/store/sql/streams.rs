@@ -21,23 +21,21 @@ fn row_stream(r: &AnyRow) -> StoreResult<Stream> {
 #[async_trait]
 impl StreamStore for SqlStore {
     async fn create_stream(&self, s: &Stream) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO streams (stream_id, version, description, files, role_arn, created_ms, updated_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        self.insert_one(
+            sqlx::query(
+                "INSERT INTO streams (stream_id, version, description, files, role_arn, created_ms, updated_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&s.id)
+            .bind(s.version)
+            .bind(&s.description)
+            .bind(to_json(&s.files)?)
+            .bind(&s.role_arn)
+            .bind(s.created_ms)
+            .bind(s.updated_ms),
+            || format!("Stream {} already exists", s.id),
         )
-        .bind(&s.id)
-        .bind(s.version)
-        .bind(&s.description)
-        .bind(to_json(&s.files)?)
-        .bind(&s.role_arn)
-        .bind(s.created_ms)
-        .bind(s.updated_ms)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| on_duplicate(e, || format!("Stream {} already exists", s.id)))?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn get_stream(&self, id: &str) -> StoreResult<Option<Stream>> {

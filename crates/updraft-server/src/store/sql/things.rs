@@ -52,22 +52,20 @@ fn row_group(r: &AnyRow) -> StoreResult<ThingGroup> {
 #[async_trait]
 impl ThingStore for SqlStore {
     async fn create_thing(&self, t: &Thing) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO things (name, thing_id, type_name, attributes, version, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+        self.insert_one(
+            sqlx::query(
+                "INSERT INTO things (name, thing_id, type_name, attributes, version, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&t.name)
+            .bind(&t.id)
+            .bind(&t.type_name)
+            .bind(to_json(&t.attributes)?)
+            .bind(t.version)
+            .bind(t.created_ms),
+            || format!("Thing {} already exists", t.name),
         )
-        .bind(&t.name)
-        .bind(&t.id)
-        .bind(&t.type_name)
-        .bind(to_json(&t.attributes)?)
-        .bind(t.version)
-        .bind(t.created_ms)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| on_duplicate(e, || format!("Thing {} already exists", t.name)))?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn get_thing(&self, name: &str) -> StoreResult<Option<Thing>> {
@@ -172,18 +170,13 @@ impl ThingStore for SqlStore {
                 "The version for thing {name} does not match the expected version."
             )));
         }
-        sqlx::query("DELETE FROM thing_group_members WHERE thing_name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM thing_principals WHERE thing_name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM things WHERE name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        for sql in [
+            "DELETE FROM thing_group_members WHERE thing_name = $1",
+            "DELETE FROM thing_principals WHERE thing_name = $1",
+            "DELETE FROM things WHERE name = $1",
+        ] {
+            sqlx::query(sql).bind(name).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -303,14 +296,12 @@ impl ThingStore for SqlStore {
                 "Cannot delete thing group {name} when it has child groups"
             )));
         }
-        sqlx::query("DELETE FROM thing_group_members WHERE group_name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM thing_groups WHERE name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        for sql in [
+            "DELETE FROM thing_group_members WHERE group_name = $1",
+            "DELETE FROM thing_groups WHERE name = $1",
+        ] {
+            sqlx::query(sql).bind(name).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
