@@ -16,9 +16,12 @@ use updraft_protocol::streams::{
 };
 use updraft_protocol::topics::Format;
 
+use updraft_protocol::job::Protocol;
+
 use crate::error::{Error, IngestResult, OtaError, PalStatus};
 use crate::handle::{Command, Shared};
-use crate::job::{JobMessage, OtaJob, parse_job_message};
+use crate::http::Fetch;
+use crate::job::{DataSource, JobMessage, OtaJob, parse_job_message};
 use crate::mqtt::{MqttClient, Qos, topic};
 use crate::pal::{FileContext, ImageState, Pal, PalImageState};
 use crate::resume::{Bitmap, Phase, ResumeState, ResumeStore};
@@ -71,6 +74,13 @@ pub struct AgentConfig {
     /// must be on the wire first. The C agent needs no such wait because its publish is
     /// synchronous.
     pub report_flush_wait: Duration,
+    /// The data protocols this agent uses, best first (`configENABLED_DATA_PROTOCOLS`,
+    /// with the first as `configOTA_PRIMARY_DATA_PROTOCOL`): a job offering several gets
+    /// the first one it offers.
+    pub data_protocols: Vec<Protocol>,
+    /// The CA certificates (PEM) trusted for `https` pre-signed URLs; without them only
+    /// `http` URLs are used.
+    pub http_ca_pem: Option<String>,
 }
 
 impl AgentConfig {
@@ -93,6 +103,8 @@ impl AgentConfig {
             format: Format::Cbor,
             event_queue_size: 64,
             report_flush_wait: Duration::from_secs(2),
+            data_protocols: vec![Protocol::Mqtt, Protocol::Http],
+            http_ca_pem: None,
         }
     }
 
@@ -113,6 +125,9 @@ impl AgentConfig {
         }
         if self.status_frequency == 0 {
             return bad("the status frequency must be at least 1".into());
+        }
+        if self.data_protocols.is_empty() {
+            return bad("at least one data protocol must be enabled".into());
         }
         Ok(())
     }
@@ -190,6 +205,11 @@ pub struct Statistics {
 pub(crate) enum Data {
     None,
     Payload(Bytes),
+    /// A block fetched over HTTP: the payload is the block.
+    Block {
+        block_id: u64,
+        payload: Bytes,
+    },
     /// The reason of an abort (UserAbort by default).
     Abort(OtaError),
 }
@@ -223,8 +243,15 @@ struct ActiveJob {
 /// The download in progress.
 #[derive(Debug, Clone)]
 struct Transfer {
+    /// Numbers transfers, so HTTP answers for an abandoned one are recognised.
+    id: u64,
     ctx: FileContext,
+    /// The stream id (empty for an HTTP download: the checkpoint's key).
     stream: String,
+    /// The pre-signed URL, for an HTTP download.
+    url: Option<String>,
+    /// The URL was refused (4xx) and a fresh one asked for, with no block since.
+    url_refused: bool,
     missing: Bitmap,
     /// Blocks of the last request not yet received.
     outstanding: BTreeSet<u64>,
@@ -239,6 +266,9 @@ pub struct Agent {
     store: Box<dyn ResumeStore>,
     certs: Box<dyn CertificateStore>,
     mqtt: Box<dyn MqttClient>,
+    /// Requests to the HTTP fetcher ([`crate::http`]).
+    http: tokio::sync::mpsc::UnboundedSender<Fetch>,
+    transfers: u64,
     callback: Callback,
     pub(crate) shared: Arc<Shared>,
     pub(crate) rx: Option<crate::handle::Receivers>,
@@ -268,6 +298,7 @@ impl Agent {
         mqtt: Box<dyn MqttClient>,
         callback: Callback,
         shared: Arc<Shared>,
+        http: tokio::sync::mpsc::UnboundedSender<Fetch>,
         rx: crate::handle::Receivers,
     ) -> Self {
         Agent {
@@ -276,6 +307,8 @@ impl Agent {
             store,
             certs,
             mqtt,
+            http,
+            transfers: 0,
             callback,
             shared,
             rx: Some(rx),
@@ -421,7 +454,9 @@ impl Agent {
                 Command::SetImageState(_, reply) | Command::Activate(reply) => {
                     let _ = reply.send(Err(busy()));
                 }
-                Command::FileBlock { .. } => Shared::bump(&self.shared.dropped),
+                Command::FileBlock { .. } | Command::HttpBlock { .. } => {
+                    Shared::bump(&self.shared.dropped)
+                }
                 _ => {}
             }
             return;
@@ -447,6 +482,26 @@ impl Agent {
                     debug!(%stream, "block for no active transfer dropped");
                 }
             }
+            Command::HttpBlock {
+                transfer,
+                block_id,
+                payload,
+            } => {
+                if self.transfer.as_ref().is_some_and(|t| t.id == transfer) {
+                    self.signal(
+                        AgentEvent::ReceivedFileBlock,
+                        Data::Block { block_id, payload },
+                    );
+                } else {
+                    Shared::bump(&self.shared.dropped);
+                    debug!("HTTP block of an abandoned transfer dropped");
+                }
+            }
+            Command::HttpFailed {
+                transfer,
+                status,
+                detail,
+            } => self.on_http_failed(transfer, status, &detail),
             Command::JobDocument(payload) => {
                 self.signal(AgentEvent::ReceivedJobDocument, Data::Payload(payload));
             }
@@ -614,7 +669,12 @@ impl Agent {
     fn release_transfer(&mut self) {
         self.request_deadline = None;
         if let Some(t) = self.transfer.take() {
-            for op in ["data", "rejected"] {
+            let ops: &[&str] = if t.url.is_some() {
+                &[]
+            } else {
+                &["data", "rejected"]
+            };
+            for op in ops {
                 let f = topic::stream(&self.config.thing_name, &t.stream, op, self.config.format);
                 if let Err(e) = self.mqtt.unsubscribe(&f) {
                     debug!("{e}");
@@ -729,6 +789,16 @@ impl Agent {
         match self.transfer.as_ref().map(|t| t.ctx.job_id == job.job_id) {
             // The same job again (after a suspend or a reconnect): keep the transfer.
             Some(true) => {
+                // An HTTP download takes the fresh pre-signed URL of this delivery.
+                let fresh = job.data_source(
+                    &self.config.data_protocols,
+                    self.config.http_ca_pem.is_some(),
+                );
+                if let (Some(t), Ok(DataSource::Http(url))) = (self.transfer.as_mut(), fresh)
+                    && t.url.is_some()
+                {
+                    t.url = Some(url);
+                }
                 self.signal(AgentEvent::CreateFile, Data::None);
                 return Ok(Step::Next);
             }
@@ -750,7 +820,16 @@ impl Agent {
             updated_by: None,
             self_test: false,
         });
-        let ctx = match job.file_context(self.config.block_size, self.config.max_file_size) {
+        let checked = job
+            .file_context(self.config.block_size, self.config.max_file_size)
+            .and_then(|ctx| {
+                let source = job.data_source(
+                    &self.config.data_protocols,
+                    self.config.http_ca_pem.is_some(),
+                )?;
+                Ok((ctx, source))
+            });
+        let (ctx, source) = match checked {
             Ok(c) => c,
             Err(e) => {
                 let r = match &e {
@@ -770,7 +849,10 @@ impl Agent {
                 return Err(e);
             }
         };
-        let stream = job.document.stream_name.clone().unwrap_or_default();
+        let (stream, url) = match source {
+            DataSource::Stream(s) => (s, None),
+            DataSource::Http(u) => (String::new(), Some(u)),
+        };
         let blocks = ctx.file_size.div_ceil(u64::from(ctx.block_size));
         let resumed = match self.store.load() {
             Ok(Some(s)) if s.matches(&ctx, &stream) && s.phase == Phase::Downloading => {
@@ -817,9 +899,22 @@ impl Agent {
         if let Some(j) = self.job.as_mut() {
             j.file = Some(ctx.clone());
         }
+        self.transfers += 1;
+        info!(
+            job = %job_id,
+            "downloading {} bytes over {}",
+            ctx.file_size,
+            match &url {
+                Some(u) => format!("HTTP from {}", crate::http::redact(u)),
+                None => format!("MQTT stream {stream}"),
+            }
+        );
         self.transfer = Some(Transfer {
+            id: self.transfers,
             ctx,
             stream,
+            url,
+            url_refused: false,
             missing,
             outstanding: BTreeSet::new(),
             dirty: false,
@@ -911,9 +1006,16 @@ impl Agent {
     }
 
     fn on_init_file(&mut self, now: Instant) -> Result<Step, Error> {
-        let Some(stream) = self.transfer.as_ref().map(|t| t.stream.clone()) else {
+        let Some(t) = self.transfer.as_ref() else {
             return Err(Error::agent(OtaError::NoActiveJob, "no transfer to start"));
         };
+        if t.url.is_some() {
+            // HTTP: nothing to subscribe to.
+            self.momentum = 0;
+            self.signal(AgentEvent::RequestFileBlock, Data::None);
+            return Ok(Step::Next);
+        }
+        let stream = t.stream.clone();
         let thing = self.config.thing_name.clone();
         let fmt = self.config.format;
         let result = self
@@ -971,6 +1073,31 @@ impl Agent {
         let Some(t) = self.transfer.as_mut() else {
             return Err(Error::agent(OtaError::NoActiveJob, "no transfer"));
         };
+        if let Some(url) = &t.url {
+            let per_request = self.config.effective_blocks_per_request();
+            let first = t.missing.missing_blocks().next().unwrap_or(0);
+            let run = t
+                .missing
+                .missing_blocks()
+                .enumerate()
+                .take_while(|(i, b)| *b == first + *i as u64)
+                .take(usize::try_from(per_request).unwrap_or(usize::MAX))
+                .count() as u64;
+            t.outstanding = (first..first + run).collect();
+            let fetch = Fetch {
+                transfer: t.id,
+                url: url.clone(),
+                first_block: first,
+                blocks: run,
+                block_size: t.ctx.block_size,
+                file_size: t.ctx.file_size,
+            };
+            self.request_deadline = Some(now + self.config.request_wait);
+            if self.http.send(fetch).is_err() {
+                warn!("the HTTP fetcher is gone; the request timer asks again");
+            }
+            return Ok(Step::Next);
+        }
         let (req, wanted) = next_request(
             &t.missing,
             t.ctx.file_id,
@@ -995,20 +1122,26 @@ impl Agent {
 
     fn on_process_data(&mut self, data: Data, now: Instant) -> Result<Step, Error> {
         Shared::bump(&self.shared.processed);
-        let Data::Payload(payload) = data else {
-            return Ok(Step::Stay);
-        };
         let Some(t) = self.transfer.as_mut() else {
             return Err(Error::agent(OtaError::NoActiveJob, "no transfer"));
         };
         let uninit = PalStatus::Uninitialized.code() << 24;
-        let block = match DataBlock::decode(self.config.format, &payload) {
-            Ok(b) => b,
-            Err(e) => {
-                let r = status::failed_with_value(uninit, IngestResult::BadData.code() as u32);
-                self.fail_transfer(r, &format!("malformed block message: {}", e.message));
-                return Ok(Step::Next);
-            }
+        let block = match data {
+            Data::Payload(payload) => match DataBlock::decode(self.config.format, &payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    let r = status::failed_with_value(uninit, IngestResult::BadData.code() as u32);
+                    self.fail_transfer(r, &format!("malformed block message: {}", e.message));
+                    return Ok(Step::Next);
+                }
+            },
+            Data::Block { block_id, payload } => DataBlock {
+                client_token: None,
+                file_id: u64::from(t.ctx.file_id),
+                block_id,
+                payload: payload.to_vec(),
+            },
+            _ => return Ok(Step::Stay),
         };
         if block.file_id != u64::from(t.ctx.file_id) {
             debug!(file = block.file_id, "block of another file ignored");
@@ -1053,6 +1186,7 @@ impl Agent {
         t.missing.mark_received(block.block_id);
         t.outstanding.remove(&block.block_id);
         t.dirty = true;
+        t.url_refused = false;
         self.momentum = 0;
         self.request_deadline = Some(now + self.config.request_wait);
         let remaining = t.missing.missing();
@@ -1243,6 +1377,37 @@ impl Agent {
         }
         info!("agent stopped");
         Ok(Step::Next)
+    }
+
+    /// An HTTP fetch failed after its retries. A refused URL (400/403/404: the pre-signed
+    /// URL expired or is not valid) is replaced once by asking for the job document again,
+    /// which carries a freshly signed one, as the C agent's demo does; refused again with
+    /// no block in between, the job fails with `0x00000008: 0x<status>`
+    /// (`RequestFileBlockFailed` and the HTTP status). Anything else is left to the request
+    /// timer, whose retries count against `max_request_momentum`.
+    fn on_http_failed(&mut self, transfer: u64, status: Option<u16>, detail: &str) {
+        let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer) else {
+            return;
+        };
+        match status {
+            Some(code @ (400 | 401 | 403 | 404 | 410)) => {
+                if !t.url_refused {
+                    t.url_refused = true;
+                    warn!("HTTP {code} for the file: asking for the job again for a fresh URL");
+                    self.signal(AgentEvent::RequestJobDocument, Data::None);
+                } else {
+                    let r = status::failed_with_value(
+                        OtaError::RequestFileBlockFailed.code(),
+                        u32::from(code),
+                    );
+                    self.fail_transfer(
+                        r,
+                        &format!("HTTP {code} for the file even with a fresh URL: {detail}"),
+                    );
+                }
+            }
+            _ => warn!("HTTP download: {detail}; the request timer asks again"),
+        }
     }
 
     fn on_stream_rejected(&mut self, stream: &str, format: Format, payload: &[u8]) {

@@ -15,7 +15,8 @@ use tracing::{debug, warn};
 use updraft_protocol::topics::Format;
 
 use crate::agent::{Agent, AgentConfig, Callback, Data, Statistics};
-use crate::error::{Error, OsError};
+use crate::error::{Error, OsError, OtaError};
+use crate::http::{Fetch, Sink};
 use crate::mqtt::{Inbound, MqttClient, classify};
 use crate::pal::{ImageState, Pal};
 use crate::resume::ResumeStore;
@@ -37,6 +38,18 @@ pub(crate) enum Command {
         format: Format,
         payload: Bytes,
     },
+    /// A block fetched over HTTP for transfer number `transfer`.
+    HttpBlock {
+        transfer: u64,
+        block_id: u64,
+        payload: Bytes,
+    },
+    /// An HTTP fetch failed after its retries.
+    HttpFailed {
+        transfer: u64,
+        status: Option<u16>,
+        detail: String,
+    },
     SetImageState(ImageState, oneshot::Sender<Result<(), Error>>),
     Activate(oneshot::Sender<Result<(), Error>>),
     Shutdown {
@@ -44,11 +57,43 @@ pub(crate) enum Command {
     },
 }
 
-/// A file block on its way to the agent.
-pub(crate) struct Block {
-    pub stream: String,
-    pub format: Format,
-    pub payload: Bytes,
+/// A file block on its way to the agent: a Streams message, or a block fetched over HTTP.
+pub(crate) enum Block {
+    Mqtt {
+        stream: String,
+        format: Format,
+        payload: Bytes,
+    },
+    Http {
+        transfer: u64,
+        block_id: u64,
+        payload: Bytes,
+    },
+}
+
+impl From<Block> for Command {
+    fn from(b: Block) -> Command {
+        match b {
+            Block::Mqtt {
+                stream,
+                format,
+                payload,
+            } => Command::FileBlock {
+                stream,
+                format,
+                payload,
+            },
+            Block::Http {
+                transfer,
+                block_id,
+                payload,
+            } => Command::HttpBlock {
+                transfer,
+                block_id,
+                payload,
+            },
+        }
+    }
 }
 
 /// The agent's ends of its two queues: control (unbounded: job documents and API calls are
@@ -57,6 +102,11 @@ pub(crate) struct Block {
 pub(crate) struct Receivers {
     pub control: mpsc::UnboundedReceiver<Command>,
     pub blocks: mpsc::Receiver<Block>,
+    /// The HTTP fetcher's requests, its way back, and its TLS configuration: the fetcher
+    /// task is started by [`Agent::run`].
+    pub fetches: mpsc::UnboundedReceiver<Fetch>,
+    pub sink: Sink,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// State the agent publishes for the handle to read without a round trip.
@@ -78,6 +128,19 @@ impl Shared {
         self.state.send_replace(s);
     }
 
+    pub(crate) fn new() -> (Shared, watch::Receiver<AgentState>) {
+        let (state, rx) = watch::channel(AgentState::Init);
+        let shared = Shared {
+            state,
+            image_state: AtomicU8::new(ImageState::Unknown as u8),
+            received: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        };
+        (shared, rx)
+    }
+
     pub(crate) fn reset_statistics(&self) {
         for c in [&self.received, &self.queued, &self.processed, &self.dropped] {
             c.store(0, Ordering::Relaxed);
@@ -97,17 +160,23 @@ pub fn init(
     callback: impl FnMut(crate::JobEvent) + Send + 'static,
 ) -> Result<(Agent, AgentHandle), Error> {
     config.validate()?;
+    let tls = match &config.http_ca_pem {
+        Some(pem) => Some(
+            crate::http::tls_config(pem)
+                .map_err(|e| Error::agent(OtaError::InvalidArg, format!("http_ca_pem: {e}")))?,
+        ),
+        None => None,
+    };
     let (tx, control) = mpsc::unbounded_channel();
     let (blocks_tx, blocks) = mpsc::channel(config.event_queue_size);
-    let (state_tx, state_rx) = watch::channel(AgentState::Init);
-    let shared = Arc::new(Shared {
-        state: state_tx,
-        image_state: AtomicU8::new(ImageState::Unknown as u8),
-        received: AtomicU64::new(0),
-        queued: AtomicU64::new(0),
-        processed: AtomicU64::new(0),
-        dropped: AtomicU64::new(0),
-    });
+    let (fetch_tx, fetches) = mpsc::unbounded_channel();
+    let (shared, state_rx) = Shared::new();
+    let shared = Arc::new(shared);
+    let sink = Sink {
+        blocks: blocks_tx.downgrade(),
+        control: tx.downgrade(),
+        shared: shared.clone(),
+    };
     let handle = AgentHandle {
         tx,
         blocks: blocks_tx,
@@ -124,7 +193,14 @@ pub fn init(
         Box::new(mqtt),
         callback,
         shared,
-        Receivers { control, blocks },
+        fetch_tx,
+        Receivers {
+            control,
+            blocks,
+            fetches,
+            sink,
+            tls,
+        },
     );
     Ok((agent, handle))
 }
@@ -134,9 +210,24 @@ impl Agent {
     /// commands and timers until the agent stops (shutdown, activation, reset) or every
     /// handle is dropped.
     pub async fn run(mut self) {
-        let Some(mut rx) = self.rx.take() else {
+        let Some(rx) = self.rx.take() else {
             return;
         };
+        let Receivers {
+            mut control,
+            mut blocks,
+            fetches,
+            sink,
+            tls,
+        } = rx;
+        // The HTTP fetcher lives as long as the agent: it ends when the agent drops its
+        // request sender, and is cut short if it is still busy then.
+        let fetcher = tokio::spawn(crate::http::fetcher(
+            fetches,
+            sink,
+            tls,
+            self.config.request_wait,
+        ));
         self.start(Instant::now());
         while self.state() != AgentState::Stopped {
             let deadline = self.next_deadline();
@@ -148,20 +239,18 @@ impl Agent {
             };
             tokio::select! {
                 biased;
-                cmd = rx.control.recv() => match cmd {
+                cmd = control.recv() => match cmd {
                     Some(cmd) => self.command(cmd, Instant::now()),
                     None => {
                         debug!("every handle was dropped: shutting down");
                         self.command(Command::Shutdown { unsubscribe: true }, Instant::now());
                     }
                 },
-                Some(b) = rx.blocks.recv() => self.command(
-                    Command::FileBlock { stream: b.stream, format: b.format, payload: b.payload },
-                    Instant::now(),
-                ),
+                Some(b) = blocks.recv() => self.command(b.into(), Instant::now()),
                 () = timer => self.on_timers(Instant::now()),
             }
         }
+        fetcher.abort();
     }
 }
 
@@ -200,7 +289,7 @@ impl AgentHandle {
             Inbound::JobDocument => Command::JobDocument(payload),
             Inbound::FileBlock { stream, format } => {
                 Shared::bump(&self.shared.received);
-                match self.blocks.try_send(Block {
+                match self.blocks.try_send(Block::Mqtt {
                     stream,
                     format,
                     payload,

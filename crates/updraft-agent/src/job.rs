@@ -45,6 +45,15 @@ pub struct OtaJob {
     pub document: OtaJobDocument,
 }
 
+/// Where a job's file is downloaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSource {
+    /// MQTT Streams: the stream id.
+    Stream(String),
+    /// HTTP: the pre-signed URL.
+    Http(String),
+}
+
 /// A refused job message: the code, why, and the job id when it was readable (a job
 /// without one cannot be reported on).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,30 +88,59 @@ impl OtaJob {
             .map(AppVersion::from_u32)
     }
 
-    /// Checks the job against what this agent can do and builds the file context.
+    /// Where the file comes from: the first protocol of `preference` (the agent's enabled
+    /// protocols, best first — the C agent's `configOTA_PRIMARY_DATA_PROTOCOL` then the
+    /// rest) that the job offers and can be used: MQTT needs a `streamname`, HTTP an
+    /// `update_data_url` the service has pre-signed (`https` only when `https` is true, i.e.
+    /// a CA is configured).
+    ///
+    /// Errors: [`OtaError::InvalidDataProtocol`] when no offered protocol is usable.
+    pub fn data_source(&self, preference: &[Protocol], https: bool) -> Result<DataSource, Error> {
+        let mut why = Vec::new();
+        for p in preference {
+            if !self.document.protocols.contains(p) {
+                continue;
+            }
+            match p {
+                Protocol::Mqtt => match self.document.stream_name.as_deref() {
+                    Some(s) if !s.is_empty() => return Ok(DataSource::Stream(s.to_owned())),
+                    _ => why.push("MQTT is offered without a streamname".to_owned()),
+                },
+                Protocol::Http => match self.file().and_then(|f| f.update_data_url.as_deref()) {
+                    None | Some("") => why.push("HTTP is offered without update_data_url".into()),
+                    Some(u) if u.starts_with("${") => {
+                        why.push("update_data_url was not pre-signed by the service".into())
+                    }
+                    Some(u)
+                        if u.get(..8)
+                            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+                            && !https =>
+                    {
+                        why.push("update_data_url is https but no CA is configured".into())
+                    }
+                    Some(u) => return Ok(DataSource::Http(u.to_owned())),
+                },
+            }
+        }
+        if why.is_empty() {
+            why.push(format!(
+                "the job offers {:?}, this agent takes {preference:?}",
+                self.document.protocols
+            ));
+        }
+        Err(Error::agent(OtaError::InvalidDataProtocol, why.join("; ")))
+    }
+
+    /// Checks the job's file against what this agent can do and builds the file context.
     ///
     /// Errors: [`JobParseError::ZeroFileSize`], [`JobParseError::NonConformingJobDoc`] (no
-    /// `sig-sha256-ecdsa`, no `certfile`, no stream name), [`JobParseError::BadModelInitParams`]
-    /// (more than `max_file_size` bytes), [`OtaError::InvalidDataProtocol`] (no MQTT).
+    /// `sig-sha256-ecdsa`, no `certfile`), [`JobParseError::BadModelInitParams`] (more than
+    /// `max_file_size` bytes).
     pub fn file_context(&self, block_size: u32, max_file_size: u64) -> Result<FileContext, Error> {
         let nonconforming = |d: &str| Error::parse(JobParseError::NonConformingJobDoc, d);
         let file = self
             .file()
             .ok_or_else(|| nonconforming("afr_ota.files is empty"))?;
-        if !self.document.protocols.contains(&Protocol::Mqtt) {
-            return Err(Error::agent(
-                OtaError::InvalidDataProtocol,
-                "the job does not offer MQTT (HTTP is not supported by this agent yet)",
-            ));
-        }
-        if self
-            .document
-            .stream_name
-            .as_deref()
-            .is_none_or(str::is_empty)
-        {
-            return Err(nonconforming("afr_ota.streamname is missing"));
-        }
         if file.file_size == 0 {
             return Err(Error::parse(JobParseError::ZeroFileSize, "filesize is 0"));
         }
@@ -478,21 +516,69 @@ mod tests {
         f.as_object_mut().expect("obj").remove("sig-sha256-ecdsa");
         f["sig-sha1-rsa"] = sig;
         assert!(check(f).is_err());
+    }
+
+    #[test]
+    fn protocol_choice_follows_the_preference() {
+        let both = [Protocol::Mqtt, Protocol::Http];
+        let invalid = |r: Result<DataSource, Error>| {
+            matches!(
+                r,
+                Err(Error::Agent {
+                    code: OtaError::InvalidDataProtocol,
+                    ..
+                })
+            )
+        };
+        let j = ota(&doc(good_file()));
+        assert_eq!(
+            j.data_source(&both, false).expect("mqtt"),
+            DataSource::Stream("AFR_OTA-s".into())
+        );
+        assert!(invalid(j.data_source(&[Protocol::Http], false)));
         let mut v = doc(good_file());
-        v["execution"]["jobDocument"]["afr_ota"]["protocols"] = json!(["HTTP"]);
+        v["execution"]["jobDocument"]["afr_ota"]["protocols"] = json!(["MQTT", "HTTP"]);
+        v["execution"]["jobDocument"]["afr_ota"]["files"][0]["update_data_url"] =
+            json!("http://h:1/b/k?X-Amz-Signature=s");
+        let j = ota(&v);
         assert!(matches!(
-            ota(&v).file_context(4096, 1 << 20),
-            Err(Error::Agent {
-                code: OtaError::InvalidDataProtocol,
-                ..
-            })
+            j.data_source(&both, false),
+            Ok(DataSource::Stream(_))
         ));
+        let http_first = [Protocol::Http, Protocol::Mqtt];
+        assert_eq!(
+            j.data_source(&http_first, false).expect("http"),
+            DataSource::Http("http://h:1/b/k?X-Amz-Signature=s".into())
+        );
+        // HTTP only, without a stream name (AWS's HTTP-only document).
+        v["execution"]["jobDocument"]["afr_ota"]["protocols"] = json!(["HTTP"]);
+        v["execution"]["jobDocument"]["afr_ota"]
+            .as_object_mut()
+            .expect("obj")
+            .remove("streamname");
+        assert!(matches!(
+            ota(&v).data_source(&both, false),
+            Ok(DataSource::Http(_))
+        ));
+        assert!(invalid(ota(&v).data_source(&[Protocol::Mqtt], false)));
+        // https needs a CA; a placeholder was never pre-signed.
+        v["execution"]["jobDocument"]["afr_ota"]["files"][0]["update_data_url"] =
+            json!("https://h/b/k");
+        assert!(invalid(ota(&v).data_source(&both, false)));
+        assert!(matches!(
+            ota(&v).data_source(&both, true),
+            Ok(DataSource::Http(_))
+        ));
+        v["execution"]["jobDocument"]["afr_ota"]["files"][0]["update_data_url"] =
+            json!("${aws:iot:s3-presigned-url:https://s3.r.amazonaws.com/b/k}");
+        assert!(invalid(ota(&v).data_source(&both, true)));
+        // MQTT without a stream name.
         let mut v = doc(good_file());
         v["execution"]["jobDocument"]["afr_ota"]
             .as_object_mut()
             .expect("obj")
             .remove("streamname");
-        assert!(ota(&v).file_context(4096, 1 << 20).is_err());
+        assert!(invalid(ota(&v).data_source(&both, true)));
     }
 
     #[test]

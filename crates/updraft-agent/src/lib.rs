@@ -13,16 +13,19 @@
 //! - [`status`]: job status reports with the C agent's exact `statusDetails`.
 //! - [`error`]: every error code with its text.
 //!
-//! Transports: MQTT Streams (CBOR, or JSON) today. HTTP downloads through the pre-signed
-//! URL are an extension point: the job parser keeps `update_data_url`, and the
-//! [`AgentEvent::RequestFileBlock`] handler is the one place that turns the bitmap into a
-//! request; an HTTP transport would issue Range GETs there and feed the bodies to the same
-//! [`AgentEvent::ReceivedFileBlock`] ingest step.
+//! - [`http`]: downloads through the job's pre-signed URL with `Range` GETs.
+//!
+//! Transports: MQTT Streams (CBOR, or JSON) and HTTP(S) through the pre-signed URL, chosen
+//! per job by [`AgentConfig::data_protocols`]. Both meet in the same two places: the
+//! [`AgentEvent::RequestFileBlock`] handler turns the bitmap into a request (a GetStream
+//! message, or a Range GET handed to the fetcher task), and the
+//! [`AgentEvent::ReceivedFileBlock`] ingest step writes, checkpoints and counts the blocks.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod error;
 pub mod handle;
+pub mod http;
 pub mod job;
 pub mod mqtt;
 pub mod pal;

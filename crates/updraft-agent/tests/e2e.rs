@@ -22,7 +22,7 @@ use updraft_agent::{
     PalImageState, ResumeStore, init,
 };
 use updraft_protocol::job::Protocol;
-use updraft_protocol::otadoc::{OtaFile, OtaJobDocument, Signature};
+use updraft_protocol::otadoc::{OtaFile, OtaJobDocument, Signature, presigned_placeholder};
 use updraft_protocol::streams::base64_encode;
 use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
 use updraft_server::clock::now_ms;
@@ -67,6 +67,8 @@ impl Drop for TempDir {
 struct Env {
     state: AppState,
     port: u16,
+    /// The HTTP listener: where pre-signed URLs point.
+    http: std::net::SocketAddr,
     dir: TempDir,
     signer: EcdsaKeyPair,
     certs: BTreeMap<String, String>,
@@ -84,6 +86,7 @@ async fn env(tag: &str) -> Env {
     .expect("config");
     let server = Server::start(&config).await.expect("server");
     let port = server.mqtt_addr.expect("mqtt listener").port();
+    let http = server.http_addr;
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));
     state
@@ -105,6 +108,7 @@ async fn env(tag: &str) -> Env {
     Env {
         state,
         port,
+        http,
         dir,
         signer,
         certs: BTreeMap::from([(CERT.to_owned(), cert.pem())]),
@@ -143,6 +147,18 @@ struct UpdateSpec {
     signature: String,
     /// `filesize` in the job document.
     file_size: u64,
+    /// How the file is delivered.
+    delivery: Delivery,
+}
+
+/// The data protocol of an update.
+enum Delivery {
+    /// MQTT Streams.
+    Mqtt,
+    /// HTTP through the pre-signed-URL placeholder, as CreateOTAUpdate with HTTP writes it.
+    Http,
+    /// HTTP through this literal URL.
+    Url(String),
 }
 
 impl Env {
@@ -151,6 +167,7 @@ impl Env {
             served: image.to_vec(),
             signature: sign(&self.signer, image),
             file_size: image.len() as u64,
+            delivery: Delivery::Mqtt,
         }
     }
 
@@ -215,16 +232,36 @@ impl Env {
             })
             .await
             .expect("stream");
+        let (protocols, stream_name, url) = match spec.delivery {
+            Delivery::Mqtt => (vec![Protocol::Mqtt], Some(stream), None),
+            Delivery::Http => (
+                vec![Protocol::Http],
+                None,
+                Some(presigned_placeholder(
+                    &st.region,
+                    "firmware",
+                    &format!("{name}/fw.bin"),
+                )),
+            ),
+            Delivery::Url(u) => (vec![Protocol::Http], None, Some(u)),
+        };
+        let mut details = serde_json::Map::new();
+        if url.is_some() {
+            details.insert(
+                "presignedUrlConfig".into(),
+                serde_json::json!({"roleArn": "arn:aws:iam::123456789012:role/ota", "expiresInSec": 3600}),
+            );
+        }
         let doc = OtaJobDocument {
-            protocols: vec![Protocol::Mqtt],
-            stream_name: Some(stream),
+            protocols,
+            stream_name,
             files: vec![OtaFile {
                 file_path: "fw.bin".into(),
                 file_size: spec.file_size,
                 file_id: 0,
                 cert_file: Some(CERT.into()),
                 file_type: None,
-                update_data_url: None,
+                update_data_url: url,
                 signature: Some(Signature {
                     hash_algorithm: Some("SHA256".into()),
                     signature_algorithm: Some("ECDSA".into()),
@@ -244,7 +281,7 @@ impl Env {
                     document: doc.to_json(),
                     document_source: None,
                     namespace_id: None,
-                    details: serde_json::Map::new(),
+                    details,
                     force_canceled: false,
                     reason_code: None,
                     comment: None,
@@ -717,4 +754,86 @@ async fn json_streams_work_too() {
     assert_eq!(d.staged.map(|s| s.bytes), Some(image));
     dev.handle.shutdown(true).expect("shutdown");
     dev.power_off().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_firmware_over_http_presigned_url_succeeds() {
+    let env = env("http").await;
+    let image = firmware(NEW, 300_001, 7);
+    let blocks = image.len().div_ceil(BLOCK as usize) as u64;
+    let mut spec = env.spec(&image);
+    spec.delivery = Delivery::Http;
+    let u = env.create("dev-http", spec).await;
+    // The device receives a URL signed for the server's HTTP listener, not the placeholder.
+    let delivered = env
+        .state
+        .data_plane
+        .substitute_presigned_urls(
+            &env.state
+                .store
+                .get_job(&u.job)
+                .await
+                .expect("store")
+                .expect("job"),
+        )
+        .await;
+    assert!(
+        delivered.contains(&format!("http://{}/firmware/dev-http/fw.bin?", env.http)),
+        "{delivered}"
+    );
+    assert!(delivered.contains("X-Amz-Signature="), "{delivered}");
+    let pal = MemoryPal::with_version(OLD);
+    let mut dev = env.boot(config(&u.thing, OLD), &pal, MemoryResumeStore::new());
+    dev.wait_event("Activate", |e| matches!(e, JobEvent::Activate { .. }))
+        .await;
+    let d = pal.snapshot();
+    assert_eq!(d.staged.as_ref().map(|s| &s.bytes), Some(&image));
+    assert_eq!(d.writes.len() as u64, blocks);
+    assert_eq!(d.rewrites(), 0);
+    let stats = dev.handle.statistics();
+    assert_eq!(stats.packets_processed, blocks);
+    assert_eq!(stats.packets_received, blocks);
+    assert_eq!(stats.packets_dropped, 0);
+    let e = env
+        .wait_execution(&u, |e| e.status_details.contains_key("self_test"))
+        .await;
+    assert_eq!(details(&e)["self_test"], "ready");
+    dev.handle.activate_new_image().await.expect("activate");
+    dev.power_off().await;
+    let mut dev = env.boot(config(&u.thing, NEW), &pal, MemoryResumeStore::new());
+    dev.wait_event("StartTest", |e| matches!(e, JobEvent::StartTest { .. }))
+        .await;
+    dev.handle
+        .set_image_state(ImageState::Accepted)
+        .await
+        .expect("accept");
+    let e = env.wait_terminal(&u).await;
+    assert_eq!(e.status, ExecutionStatus::Succeeded);
+    let d = pal.snapshot();
+    assert_eq!((d.running.version, d.state), (NEW, PalImageState::Valid));
+    assert_eq!(d.running.bytes, image);
+    dev.handle.shutdown(true).expect("shutdown");
+    dev.power_off().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_presigned_url_fails_the_job_with_the_http_status() {
+    let env = env("expired").await;
+    let image = firmware(NEW, 20_000, 8);
+    let (access, secret) = env.state.keys.primary().expect("server key");
+    // Signed two hours ago for one minute: refused with 403, and asking for the job again
+    // brings the same URL (it is literal, not a placeholder).
+    let url = updraft_server::auth::presign_s3_get(
+        &format!("http://{}", env.http),
+        "firmware",
+        "dev-expired/fw.bin",
+        access,
+        secret,
+        &env.state.region,
+        now_ms() - 2 * 3600 * 1000,
+        60,
+    );
+    let mut spec = env.spec(&image);
+    spec.delivery = Delivery::Url(url);
+    expect_failure(&env, "dev-expired", spec, "0x00000008: 0x00000193").await;
 }

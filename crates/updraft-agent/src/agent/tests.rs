@@ -282,12 +282,7 @@ impl Sim {
                 moved = true;
             }
             while let Ok(b) = self.rx.blocks.try_recv() {
-                let cmd = Command::FileBlock {
-                    stream: b.stream,
-                    format: b.format,
-                    payload: b.payload,
-                };
-                self.agent.command(cmd, self.now);
+                self.agent.command(b.into(), self.now);
                 moved = true;
             }
             if !moved {
