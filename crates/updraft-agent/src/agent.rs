@@ -240,6 +240,18 @@ struct ActiveJob {
     self_test: bool,
 }
 
+/// A self-test verdict already reported. A document of that job arriving later was either
+/// on its way before the report (stale: ignored), or is the answer to a job request made
+/// after it — then the service never got the report (lost with a dropped connection, say)
+/// and it is sent again.
+#[derive(Debug, Clone)]
+struct Concluded {
+    job_id: String,
+    report: Report,
+    /// The number of the first job request made after the report.
+    after: u32,
+}
+
 /// The download in progress.
 #[derive(Debug, Clone)]
 struct Transfer {
@@ -284,6 +296,9 @@ pub struct Agent {
     /// The time of the step being processed.
     now: Instant,
     last_report: Option<Instant>,
+    /// The job whose self-test this agent concluded (Accepted or Rejected), see
+    /// [`Concluded`].
+    concluded: Option<Concluded>,
     /// A reset or activation waiting for the last report to be flushed.
     pending: Option<(Instant, Final)>,
 }
@@ -323,6 +338,7 @@ impl Agent {
             unsubscribe_on_shutdown: true,
             now: Instant::now(),
             last_report: None,
+            concluded: None,
             pending: None,
         }
     }
@@ -752,6 +768,24 @@ impl Agent {
                 self.notify(JobEvent::ParseCustomJob { job_id, document });
                 return Ok(Step::Stay);
             }
+            Ok(JobMessage::Ota(job))
+                if self
+                    .concluded
+                    .as_ref()
+                    .is_some_and(|c| c.job_id == job.job_id) =>
+            {
+                if let Some(c) = self.concluded.clone()
+                    && request_number(&payload).is_some_and(|n| n >= c.after)
+                {
+                    info!(job = %job.job_id, "the service still shows the job open: reporting the verdict again");
+                    self.report(&c.job_id, c.report);
+                } else {
+                    // Sent before the service had the verdict (a notify-next or an answer
+                    // in flight): acting on it would contradict the verdict.
+                    debug!(job = %job.job_id, "stale document of a concluded job: ignored");
+                }
+                return Ok(Step::Stay);
+            }
             Ok(JobMessage::Ota(job)) => *job,
             Err(e) => {
                 if let Some(job_id) = &e.job_id {
@@ -805,7 +839,25 @@ impl Agent {
             // Another job replaced the one being downloaded: abandon it (no status for it,
             // as the C agent).
             Some(false) => self.abandon_transfer(),
-            None => {}
+            None => {
+                // The same job again once its image is verified and waits for activation (a
+                // notify-next that was on its way while the download finished): the image
+                // is there, nothing to download.
+                let verified = matches!(
+                    self.store.load(),
+                    Ok(Some(ref s)) if s.job_id == job.job_id && s.phase == Phase::Verified
+                );
+                if verified {
+                    // The service shows no `self_test` (we are here, not in the self-test
+                    // branch): the `ready` report was lost, e.g. queued in a connection that
+                    // dropped. Send it again, or the new image would find the job not in
+                    // self-test after the reboot and roll back.
+                    info!(job = %job.job_id, "the image waits for activation; reporting ready again");
+                    let ready = status::self_test(SelfTest::Ready, self.config.app_version);
+                    self.report(&job.job_id, ready);
+                    return Ok(Step::Stay);
+                }
+            }
         }
         self.start_job(&job)
     }
@@ -1464,12 +1516,8 @@ impl Agent {
                 self.self_test_deadline = None;
                 if let Some(job) = self_test_job {
                     let updated_by = job.updated_by.unwrap_or_default();
-                    self.report(
-                        &job.job_id,
-                        status::accepted(self.config.app_version, updated_by),
-                    );
-                    self.store_clear();
-                    self.job = None;
+                    let verdict = status::accepted(self.config.app_version, updated_by);
+                    self.conclude(job.job_id, verdict);
                 }
                 Ok(())
             }
@@ -1477,9 +1525,7 @@ impl Agent {
                 self.pal.set_platform_image_state(ImageState::Rejected)?;
                 self.set_image(ImageState::Rejected);
                 if let Some(job) = self_test_job {
-                    self.report(&job.job_id, status::failed(FailReason::Rejected, 0));
-                    self.store_clear();
-                    self.job = None;
+                    self.conclude(job.job_id, status::failed(FailReason::Rejected, 0));
                     self.reset_and_stop();
                 }
                 Ok(())
@@ -1498,6 +1544,18 @@ impl Agent {
                 "the image state cannot be set to Unknown",
             )),
         }
+    }
+
+    /// Reports the self-test verdict and closes the job.
+    fn conclude(&mut self, job_id: String, verdict: Report) {
+        self.report(&job_id, verdict.clone());
+        self.store_clear();
+        self.concluded = Some(Concluded {
+            job_id,
+            report: verdict,
+            after: self.request_counter,
+        });
+        self.job = None;
     }
 
     /// `OTA_ActivateNewImage`.
@@ -1521,6 +1579,18 @@ impl Agent {
         self.signal(AgentEvent::Shutdown, Data::None);
         Ok(())
     }
+}
+
+/// The number of the agent's job request a `$next/get` answer carries in its client token
+/// (`"{n}:{thingName}"`); `None` for notifications.
+fn request_number(payload: &[u8]) -> Option<u32> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get("clientToken")?
+        .as_str()?
+        .split(':')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The next GetStream request: from the first missing block, a bitmap window holding up to

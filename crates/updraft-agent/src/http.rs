@@ -188,13 +188,25 @@ pub struct Client {
     conn: Option<Connection>,
 }
 
-/// The answer to a range request.
+/// The answer to a request.
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
+    /// The response headers, names in lower case.
+    pub headers: Vec<(String, String)>,
     /// The body as far as it arrived; `complete` says whether it is all of it.
     pub body: Vec<u8>,
     pub complete: bool,
+}
+
+impl Response {
+    /// The value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl Client {
@@ -240,17 +252,33 @@ impl Client {
         Ok(())
     }
 
-    /// `GET url` with `Range: bytes=start-end` (inclusive). A connection that fails or
-    /// asks to close is dropped; the next request opens a new one.
+    /// `GET url` with `Range: bytes=start-end` (inclusive).
     pub async fn get_range(
         &mut self,
         url: &Url,
         start: u64,
         end: u64,
     ) -> Result<Response, HttpError> {
-        let r = match tokio::time::timeout(self.timeout, self.exchange(url, start, end)).await {
+        let range = format!("bytes={start}-{end}");
+        self.send(url, "GET", &[("Range", range.as_str())], &[])
+            .await
+    }
+
+    /// One request with `headers` (besides Host, Content-Length and Connection) and
+    /// `body`. A connection that fails or asks to close is dropped; the next request opens
+    /// a new one.
+    pub async fn send(
+        &mut self,
+        url: &Url,
+        method: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Response, HttpError> {
+        let timeout = self.timeout;
+        let exchange = self.exchange(url, method, headers, body);
+        let r = match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
-            Err(_) => Err(HttpError::Timeout(self.timeout)),
+            Err(_) => Err(HttpError::Timeout(timeout)),
         };
         if !matches!(&r, Ok((_, true))) {
             self.conn = None;
@@ -262,21 +290,44 @@ impl Client {
     async fn exchange(
         &mut self,
         url: &Url,
-        start: u64,
-        end: u64,
+        method: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
     ) -> Result<(Response, bool), HttpError> {
         self.connect(url).await?;
         let Some(conn) = self.conn.as_mut() else {
             return Err(HttpError::Protocol("no connection".into()));
         };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={start}-{end}\r\nUser-Agent: updraft-agent\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n",
+        let mut request = format!(
+            "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: updraft-agent\r\nAccept: */*\r\nConnection: keep-alive\r\n",
             url.target, url.authority
         );
+        for (name, value) in headers {
+            if value.contains(['\r', '\n']) {
+                return Err(HttpError::Protocol(format!(
+                    "header {name} has a line break"
+                )));
+            }
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() || !matches!(method, "GET" | "HEAD" | "DELETE") {
+            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        request.push_str("\r\n");
         let io = &mut conn.io;
         io.write_all(request.as_bytes()).await?;
+        io.write_all(body).await?;
         io.flush().await?;
         let head = read_head(io).await?;
+        if method == "HEAD" {
+            let response = Response {
+                status: head.status,
+                headers: head.headers,
+                body: Vec::new(),
+                complete: true,
+            };
+            return Ok((response, head.keep_alive));
+        }
         let mut body = Vec::new();
         let complete = match head.length {
             BodyLength::Chunked => read_chunked(io, &mut body).await?,
@@ -297,6 +348,7 @@ impl Client {
         Ok((
             Response {
                 status: head.status,
+                headers: head.headers,
                 body,
                 complete,
             },
@@ -314,6 +366,7 @@ enum BodyLength {
 
 struct Head {
     status: u16,
+    headers: Vec<(String, String)>,
     length: BodyLength,
     keep_alive: bool,
 }
@@ -348,6 +401,7 @@ async fn read_head<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Head, HttpEr
         .ok_or_else(|| HttpError::Protocol(format!("status line '{status_line}'")))?;
     let mut keep_alive = version != "HTTP/1.0";
     let mut length = BodyLength::UntilClose;
+    let mut headers = Vec::new();
     loop {
         let line = read_line(r, &mut budget).await?;
         if line.is_empty() {
@@ -357,7 +411,9 @@ async fn read_head<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Head, HttpEr
             return Err(HttpError::Protocol(format!("header '{line}'")));
         };
         let value = value.trim();
-        match name.trim().to_ascii_lowercase().as_str() {
+        let name = name.trim().to_ascii_lowercase();
+        headers.push((name.clone(), value.to_owned()));
+        match name.as_str() {
             "content-length" if length != BodyLength::Chunked => {
                 let n = value
                     .parse()
@@ -383,6 +439,7 @@ async fn read_head<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Head, HttpEr
     }
     Ok(Head {
         status,
+        headers,
         length,
         keep_alive,
     })

@@ -501,20 +501,14 @@ async fn to_self_test(env: &Env, u: &Update, pal: &MemoryPal, new: AppVersion) -
 
 // ---- the tests ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signed_firmware_over_mqtt_succeeds() {
-    let env = env("ok").await;
-    let image = firmware(NEW, 300_001, 1);
-    let blocks = image.len().div_ceil(BLOCK as usize);
-    let u = env.create("dev-ok", env.spec(&image)).await;
-    let pal = MemoryPal::with_version(OLD);
-    let dev = to_self_test(&env, &u, &pal, NEW).await;
+/// The self-test passes: the job SUCCEEDED, the device runs `image`, committed, written once.
+async fn accept_and_succeed(env: &Env, u: &Update, pal: &MemoryPal, dev: Device, image: &[u8]) {
     assert_eq!(dev.handle.image_state(), ImageState::Testing);
     dev.handle
         .set_image_state(ImageState::Accepted)
         .await
         .expect("accept");
-    let e = env.wait_terminal(&u).await;
+    let e = env.wait_terminal(u).await;
     assert_eq!(e.status, ExecutionStatus::Succeeded);
     assert_eq!(
         details(&e),
@@ -523,10 +517,21 @@ async fn signed_firmware_over_mqtt_succeeds() {
     let d = pal.snapshot();
     assert_eq!((d.running.version, d.state), (NEW, PalImageState::Valid));
     assert_eq!(d.running.bytes, image);
-    assert_eq!(d.writes.len(), blocks);
+    assert_eq!(d.writes.len(), image.len().div_ceil(BLOCK as usize));
+    assert_eq!(d.rewrites(), 0);
     assert_eq!((d.commits, d.rollbacks), (1, 0));
     dev.handle.shutdown(true).expect("shutdown");
     dev.power_off().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_firmware_over_mqtt_succeeds() {
+    let env = env("ok").await;
+    let image = firmware(NEW, 300_001, 1);
+    let u = env.create("dev-ok", env.spec(&image)).await;
+    let pal = MemoryPal::with_version(OLD);
+    let dev = to_self_test(&env, &u, &pal, NEW).await;
+    accept_and_succeed(&env, &u, &pal, dev, &image).await;
 }
 
 /// Runs the old image until the job ends and checks it failed with `reason`, the old image
@@ -760,7 +765,6 @@ async fn json_streams_work_too() {
 async fn signed_firmware_over_http_presigned_url_succeeds() {
     let env = env("http").await;
     let image = firmware(NEW, 300_001, 7);
-    let blocks = image.len().div_ceil(BLOCK as usize) as u64;
     let mut spec = env.spec(&image);
     spec.delivery = Delivery::Http;
     let u = env.create("dev-http", spec).await;
@@ -783,37 +787,8 @@ async fn signed_firmware_over_http_presigned_url_succeeds() {
     );
     assert!(delivered.contains("X-Amz-Signature="), "{delivered}");
     let pal = MemoryPal::with_version(OLD);
-    let mut dev = env.boot(config(&u.thing, OLD), &pal, MemoryResumeStore::new());
-    dev.wait_event("Activate", |e| matches!(e, JobEvent::Activate { .. }))
-        .await;
-    let d = pal.snapshot();
-    assert_eq!(d.staged.as_ref().map(|s| &s.bytes), Some(&image));
-    assert_eq!(d.writes.len() as u64, blocks);
-    assert_eq!(d.rewrites(), 0);
-    let stats = dev.handle.statistics();
-    assert_eq!(stats.packets_processed, blocks);
-    assert_eq!(stats.packets_received, blocks);
-    assert_eq!(stats.packets_dropped, 0);
-    let e = env
-        .wait_execution(&u, |e| e.status_details.contains_key("self_test"))
-        .await;
-    assert_eq!(details(&e)["self_test"], "ready");
-    dev.handle.activate_new_image().await.expect("activate");
-    dev.power_off().await;
-    let mut dev = env.boot(config(&u.thing, NEW), &pal, MemoryResumeStore::new());
-    dev.wait_event("StartTest", |e| matches!(e, JobEvent::StartTest { .. }))
-        .await;
-    dev.handle
-        .set_image_state(ImageState::Accepted)
-        .await
-        .expect("accept");
-    let e = env.wait_terminal(&u).await;
-    assert_eq!(e.status, ExecutionStatus::Succeeded);
-    let d = pal.snapshot();
-    assert_eq!((d.running.version, d.state), (NEW, PalImageState::Valid));
-    assert_eq!(d.running.bytes, image);
-    dev.handle.shutdown(true).expect("shutdown");
-    dev.power_off().await;
+    let dev = to_self_test(&env, &u, &pal, NEW).await;
+    accept_and_succeed(&env, &u, &pal, dev, &image).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,10 @@
 //! `updraft`: the operator's command. `updraft serve` runs the whole system.
 
+mod api;
 mod bench;
+mod demo;
 mod signing;
+mod simulate;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +35,10 @@ enum Command {
     /// Code-signing helpers.
     #[command(subcommand)]
     Signer(signing::Signer),
+    /// Run N virtual devices (real agents, in-memory devices) through a signed OTA update.
+    Simulate(simulate::SimulateArgs),
+    /// The tour: a temporary server, 20 devices, a signed OTA update, live progress, a table.
+    Demo(demo::DemoArgs),
 }
 
 /// Every option: flag, then `UPDRAFT_*` environment variable, then the TOML file, then default.
@@ -147,14 +154,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A fleet's agents and its server would drown the progress line: only errors, unless
+    // UPDRAFT_LOG asks for more.
+    let default_filter = match cli.command {
+        Command::Simulate(_) | Command::Demo(_) => "error,updraft::simulate=warn",
+        _ => "info,sqlx=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UPDRAFT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -164,5 +177,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(b) => runtime.block_on(bench::run(b)),
         Command::Sign(args) => signing::sign(args),
         Command::Signer(cmd) => signing::run(cmd),
+        Command::Simulate(args) => runtime.block_on(simulate::run(args)),
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
     }
 }

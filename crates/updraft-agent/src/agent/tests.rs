@@ -865,3 +865,93 @@ fn a_different_job_after_resume_replaces_the_transfer() {
     );
     assert_eq!(d.rewrites(), 0, "the new file started from an empty slot");
 }
+
+/// A document of the job captured before the service recorded `self_test: ready` (a
+/// notify-next on its way while the download finished, or a lost `ready` report).
+fn stale_document(svc: &Service) -> Bytes {
+    let mut v = svc.execution();
+    v["execution"]["status"] = json!("IN_PROGRESS");
+    v["execution"]
+        .as_object_mut()
+        .expect("execution")
+        .remove("statusDetails");
+    Bytes::from(v.to_string())
+}
+
+#[test]
+fn the_verified_job_seen_without_ready_is_not_downloaded_again() {
+    let (mut svc, pal, store, c) = setup(NEW, 3000);
+    let mut sim = run_download(&mut svc, &pal, &store, &c);
+    assert!(sim.has_event(|e| matches!(e, JobEvent::Activate { .. })));
+    let (gets, writes, updates) = (
+        svc.gets.len(),
+        pal.snapshot().writes.len(),
+        svc.updates.len(),
+    );
+    sim.handle.incoming_bytes(
+        &format!("$aws/things/{THING}/jobs/notify-next"),
+        stale_document(&svc),
+    );
+    sim.pump(&mut svc);
+    // No new download; the ready report goes out again; activation still possible.
+    assert_eq!(svc.gets.len(), gets);
+    assert_eq!(pal.snapshot().writes.len(), writes);
+    assert_eq!(
+        svc.updates[updates..],
+        [
+            r#"{"status":"IN_PROGRESS","statusDetails":{"self_test":"ready","updatedBy":"0x01000000"}}"#
+        ]
+    );
+    assert_eq!(store.get().map(|s| s.phase), Some(Phase::Verified));
+    sim.activate(&mut svc).expect("activate");
+    assert_eq!(pal.running_version(), NEW);
+}
+
+#[test]
+fn stale_documents_after_the_self_test_verdict_are_ignored() {
+    for verdict in [ImageState::Accepted, ImageState::Rejected] {
+        let (mut svc, pal, store, c) = setup(NEW, 1000);
+        let mut sim = run_download(&mut svc, &pal, &store, &c);
+        sim.activate(&mut svc).expect("activate");
+        let mut sim = Sim::boot(config(NEW), &pal, &store, c.clone());
+        sim.pump(&mut svc);
+        // Captured while the self-test was running, delivered after the verdict.
+        let in_test = Bytes::from(svc.execution().to_string());
+        sim.set_image_state(verdict, &mut svc).expect("verdict");
+        let updates = svc.updates.len();
+        let events = sim.events().len();
+        sim.handle.incoming_bytes(
+            &format!("$aws/things/{THING}/jobs/$next/get/accepted"),
+            in_test,
+        );
+        sim.pump(&mut svc);
+        assert_eq!(
+            svc.updates.len(),
+            updates,
+            "{verdict:?}: no report contradicts the verdict"
+        );
+        assert_eq!(sim.events().len(), events, "{verdict:?}");
+    }
+}
+
+#[test]
+fn a_lost_verdict_is_reported_again_when_the_job_is_still_open() {
+    let (mut svc, pal, store, c) = setup(NEW, 1000);
+    let mut sim = run_download(&mut svc, &pal, &store, &c);
+    sim.activate(&mut svc).expect("activate");
+    let mut sim = Sim::boot(config(NEW), &pal, &store, c.clone());
+    sim.pump(&mut svc);
+    sim.set_image_state(ImageState::Accepted, &mut svc)
+        .expect("accept");
+    let verdict = svc.updates.last().cloned().expect("verdict");
+    // The SUCCEEDED report never reached the service (the connection dropped under it).
+    svc.status = ExecutionStatus::InProgress;
+    svc.details = BTreeMap::from([("self_test".to_owned(), "active".to_owned())]);
+    // After the reconnection the agent asks for its job: the answer is authoritative.
+    sim.handle.suspend().expect("suspend");
+    sim.pump(&mut svc);
+    sim.handle.resume().expect("resume");
+    sim.pump(&mut svc);
+    assert_eq!(svc.status, ExecutionStatus::Succeeded);
+    assert_eq!(svc.updates.last(), Some(&verdict));
+}
