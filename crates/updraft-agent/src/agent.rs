@@ -233,6 +233,7 @@ enum Final {
 #[derive(Debug, Clone)]
 struct ActiveJob {
     job_id: String,
+    execution_number: Option<u64>,
     /// The file of the job, once validated.
     file: Option<FileContext>,
     /// In self-test: the version that downloaded the image.
@@ -240,13 +241,15 @@ struct ActiveJob {
     self_test: bool,
 }
 
-/// A self-test verdict already reported. A document of that job arriving later was either
-/// on its way before the report (stale: ignored), or is the answer to a job request made
-/// after it — then the service never got the report (lost with a dropped connection, say)
-/// and it is sent again.
+/// The final report of a job execution (a self-test verdict, or a failed download). A
+/// document of that execution arriving later was either on its way before the report
+/// (stale: ignored), or is the answer to a job request made after it — then the service
+/// never got the report (lost with a dropped connection, say) and it is sent again. A
+/// retried execution (same job, higher number) is a new job.
 #[derive(Debug, Clone)]
 struct Concluded {
     job_id: String,
+    execution_number: Option<u64>,
     report: Report,
     /// The number of the first job request made after the report.
     after: u32,
@@ -296,8 +299,7 @@ pub struct Agent {
     /// The time of the step being processed.
     now: Instant,
     last_report: Option<Instant>,
-    /// The job whose self-test this agent concluded (Accepted or Rejected), see
-    /// [`Concluded`].
+    /// The job execution this agent last reported final, see [`Concluded`].
     concluded: Option<Concluded>,
     /// A reset or activation waiting for the last report to be flushed.
     pending: Option<(Instant, Final)>,
@@ -334,7 +336,13 @@ impl Agent {
             request_deadline: None,
             self_test_deadline: None,
             momentum: 0,
-            request_counter: 0,
+            // Each agent life numbers its job requests from its own random start, so
+            // answers to the requests of a previous life (still in flight after a reboot)
+            // are not taken for answers to this one's.
+            request_counter: {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new().hash_one(0u8) as u32
+            },
             unsubscribe_on_shutdown: true,
             now: Instant::now(),
             last_report: None,
@@ -666,10 +674,11 @@ impl Agent {
         }
         self.set_image(ImageState::Rejected);
         let reason = Self::reason_of(&report);
-        let job_id = self.job.as_ref().map(|j| j.job_id.clone());
-        if let Some(job_id) = job_id {
+        if let Some(job) = self.job.clone() {
+            let job_id = job.job_id.clone();
             warn!(job = %job_id, "{detail}");
-            self.report(&job_id, report);
+            self.report(&job_id, report.clone());
+            self.remember_final(&job, report);
             self.notify(JobEvent::Fail {
                 job_id,
                 reason: format!("{reason} ({detail})"),
@@ -769,13 +778,18 @@ impl Agent {
                 return Ok(Step::Stay);
             }
             Ok(JobMessage::Ota(job))
-                if self
-                    .concluded
-                    .as_ref()
-                    .is_some_and(|c| c.job_id == job.job_id) =>
+                if self.concluded.as_ref().is_some_and(|c| {
+                    c.job_id == job.job_id && c.execution_number == job.execution_number
+                }) =>
             {
+                // One of this agent's requests made since the verdict (numbers wrap).
+                let since = self.request_counter.wrapping_sub(
+                    self.concluded
+                        .as_ref()
+                        .map_or(self.request_counter, |c| c.after),
+                );
                 if let Some(c) = self.concluded.clone()
-                    && request_number(&payload).is_some_and(|n| n >= c.after)
+                    && request_number(&payload).is_some_and(|n| n.wrapping_sub(c.after) < since)
                 {
                     info!(job = %job.job_id, "the service still shows the job open: reporting the verdict again");
                     self.report(&c.job_id, c.report);
@@ -807,6 +821,7 @@ impl Agent {
         if job.self_test().is_some() {
             self.job = Some(ActiveJob {
                 job_id: job.job_id.clone(),
+                execution_number: job.execution_number,
                 file: job
                     .file_context(self.config.block_size, self.config.max_file_size)
                     .ok(),
@@ -868,6 +883,7 @@ impl Agent {
         let job_id = job.job_id.clone();
         self.job = Some(ActiveJob {
             job_id: job_id.clone(),
+            execution_number: job.execution_number,
             file: None,
             updated_by: None,
             self_test: false,
@@ -1517,7 +1533,7 @@ impl Agent {
                 if let Some(job) = self_test_job {
                     let updated_by = job.updated_by.unwrap_or_default();
                     let verdict = status::accepted(self.config.app_version, updated_by);
-                    self.conclude(job.job_id, verdict);
+                    self.conclude(&job, verdict);
                 }
                 Ok(())
             }
@@ -1525,7 +1541,7 @@ impl Agent {
                 self.pal.set_platform_image_state(ImageState::Rejected)?;
                 self.set_image(ImageState::Rejected);
                 if let Some(job) = self_test_job {
-                    self.conclude(job.job_id, status::failed(FailReason::Rejected, 0));
+                    self.conclude(&job, status::failed(FailReason::Rejected, 0));
                     self.reset_and_stop();
                 }
                 Ok(())
@@ -1547,15 +1563,20 @@ impl Agent {
     }
 
     /// Reports the self-test verdict and closes the job.
-    fn conclude(&mut self, job_id: String, verdict: Report) {
-        self.report(&job_id, verdict.clone());
+    fn conclude(&mut self, job: &ActiveJob, verdict: Report) {
+        self.report(&job.job_id, verdict.clone());
         self.store_clear();
+        self.remember_final(job, verdict);
+        self.job = None;
+    }
+
+    fn remember_final(&mut self, job: &ActiveJob, report: Report) {
         self.concluded = Some(Concluded {
-            job_id,
-            report: verdict,
+            job_id: job.job_id.clone(),
+            execution_number: job.execution_number,
+            report,
             after: self.request_counter,
         });
-        self.job = None;
     }
 
     /// `OTA_ActivateNewImage`.

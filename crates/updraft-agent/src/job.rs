@@ -40,6 +40,9 @@ pub enum JobMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OtaJob {
     pub job_id: String,
+    /// Which execution of the job this is (a retried job has the same id and a higher
+    /// number), when the message says.
+    pub execution_number: Option<u64>,
     pub status: Option<ExecutionStatus>,
     pub status_details: BTreeMap<String, String>,
     pub document: OtaJobDocument,
@@ -281,6 +284,7 @@ fn classify(
         .unwrap_or_default();
     Ok(JobMessage::Ota(Box::new(OtaJob {
         job_id: job_id.to_owned(),
+        execution_number: execution.get("executionNumber").and_then(Value::as_u64),
         status,
         status_details,
         document,

@@ -1249,15 +1249,22 @@ fn open_file_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// Refuses a fleet that cannot get its sockets, with the fix.
+/// Refuses a fleet that cannot get its sockets, with the fix. `per_device` counts the
+/// server's end too when the server runs in this process.
 pub fn check_fd_limit(devices: usize, per_device: u64) -> anyhow::Result<()> {
     let need = devices as u64 * per_device + 256;
     if let Some(limit) = open_file_limit()
         && limit < need
     {
+        let split = if per_device > 1 {
+            ", run the server in its own process (`updraft serve`, then `--endpoints \
+             <data-dir>/endpoints.json`: each process then needs one per device)"
+        } else {
+            ""
+        };
         bail!(
             "{devices} devices need about {need} open files but this process may open {limit}; \
-             raise the limit (e.g. `ulimit -n {}`) or run fewer devices",
+             raise the limit (e.g. `ulimit -n {}`){split} or run fewer devices",
             need.next_power_of_two()
         );
     }

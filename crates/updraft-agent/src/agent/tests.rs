@@ -955,3 +955,36 @@ fn a_lost_verdict_is_reported_again_when_the_job_is_still_open() {
     assert_eq!(svc.status, ExecutionStatus::Succeeded);
     assert_eq!(svc.updates.last(), Some(&verdict));
 }
+
+#[test]
+fn a_failed_execution_is_not_retried_on_a_stale_document_but_a_new_execution_is() {
+    let (mut svc, pal, store, c) = setup(NEW, 3000);
+    svc.tamper_block = Some(2);
+    let mut sim = run_download(&mut svc, &pal, &store, &c);
+    assert_eq!(svc.status, ExecutionStatus::Failed);
+    let gets = svc.gets.len();
+    // A notify-next captured while the download ran, delivered after the failure.
+    svc.status = ExecutionStatus::InProgress;
+    let stale = stale_document(&svc);
+    svc.status = ExecutionStatus::Failed;
+    sim.handle
+        .incoming_bytes(&format!("$aws/things/{THING}/jobs/notify-next"), stale);
+    sim.pump(&mut svc);
+    assert_eq!(
+        svc.gets.len(),
+        gets,
+        "no second download of a failed execution"
+    );
+    // The job is retried: execution 2 of the same job downloads again.
+    svc.status = ExecutionStatus::Queued;
+    svc.tamper_block = None;
+    let mut retry = svc.execution();
+    retry["execution"]["executionNumber"] = json!(2);
+    sim.handle.incoming_bytes(
+        &format!("$aws/things/{THING}/jobs/notify-next"),
+        Bytes::from(retry.to_string()),
+    );
+    sim.pump(&mut svc);
+    assert!(svc.gets.len() > gets);
+    assert!(sim.has_event(|e| matches!(e, JobEvent::Activate { .. })));
+}
