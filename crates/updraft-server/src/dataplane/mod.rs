@@ -14,7 +14,7 @@ mod writer;
 
 use bytes::Bytes;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::mqtt::{Inbound, MessageBus};
 use crate::server::AppState;
-use crate::store::{Job, JobExecution};
+use crate::store::{DeviceWrite, DeviceWriteOutcome, Job, JobExecution};
 
 /// Placeholders CreateJob documents may carry; replaced with pre-signed URLs on delivery.
 const PRESIGN_PREFIX: &str = "${aws:iot:s3-presigned-url:";
@@ -40,13 +40,71 @@ pub struct DataPlane {
     heads: Mutex<HashMap<String, Option<(String, i64)>>>,
     /// Stream file contents, so a fleet downloading one file reads it once.
     files: Mutex<FileCache>,
-    /// Group commit of device execution updates (started with the workers).
-    writer: OnceLock<writer::ExecutionWriter>,
+    /// Group commit of devices' writes (started with the workers).
+    writer: OnceLock<writer::DeviceWriter>,
     /// Streams as recently read, and which blob holds each of their files: a fleet asking
     /// for blocks of one stream costs the database one read per [`METADATA_TTL`].
-    stream_meta: Mutex<HashMap<String, (Instant, Arc<crate::store::Stream>)>>,
-    blobs: Mutex<HashMap<ObjectRef, (Instant, String, u64)>>,
+    stream_meta: Recent<String, Arc<crate::store::Stream>>,
+    blobs: Recent<ObjectRef, (String, u64)>,
+    /// Jobs as recently read, for their documents: a fleet starting one job costs the
+    /// database one read per [`METADATA_TTL`].
+    jobs: Recent<String, Arc<Job>>,
+    /// Each device's executions as this server last wrote or read them, by (thing, job).
+    /// Only a starting point for UpdateJobExecution's read-modify-write: the write checks
+    /// the stored version, so a stale entry costs a retry from the store, never a wrong
+    /// answer (and an error found against it is checked again against the store).
+    executions: Mutex<HashMap<(String, String), JobExecution>>,
 }
+
+/// Values read from the store, served from memory while younger than [`METADATA_TTL`].
+struct Recent<K, V> {
+    entries: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K, V> Default for Recent<K, V> {
+    fn default() -> Self {
+        Recent {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Entries a [`Recent`] holds before expired ones are swept out.
+const RECENT_SWEEP_AT: usize = 10_000;
+
+impl<K: Hash + Eq, V: Clone> Recent<K, V> {
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let m = self.entries.lock().ok()?;
+        let (at, v) = m.get(key)?;
+        (at.elapsed() < METADATA_TTL).then(|| v.clone())
+    }
+
+    fn put(&self, key: K, value: V) {
+        if let Ok(mut m) = self.entries.lock() {
+            if m.len() >= RECENT_SWEEP_AT {
+                m.retain(|_, (at, _)| at.elapsed() < METADATA_TTL);
+            }
+            m.insert(key, (Instant::now(), value));
+        }
+    }
+
+    fn forget<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Ok(mut m) = self.entries.lock() {
+            m.remove(key);
+        }
+    }
+}
+
+/// Executions the cache holds before it starts over (it is only a starting point).
+const MAX_CACHED_EXECUTIONS: usize = 200_000;
 
 /// (bucket, key, version id) of an object version.
 type ObjectRef = (String, String, String);
@@ -105,21 +163,120 @@ impl DataPlane {
         self.bus.get()
     }
 
-    /// Writes a device's execution update (group-committed with concurrent ones):
-    /// `Ok(false)` when the stored version moved on.
+    /// Applies a device's write, group-committed with concurrent ones.
+    async fn device_write(
+        &self,
+        state: &AppState,
+        w: DeviceWrite,
+    ) -> crate::store::StoreResult<DeviceWriteOutcome> {
+        match self.writer.get() {
+            Some(writer) => writer.write(w).await,
+            None => state
+                .store
+                .device_writes(std::slice::from_ref(&w))
+                .await?
+                .pop()
+                .ok_or_else(|| crate::store::StoreError::Invalid("no outcome".into())),
+        }
+    }
+
+    /// Writes a device's execution update: `Ok(false)` when the stored version moved on.
     pub async fn write_execution(
         &self,
         state: &AppState,
         e: &JobExecution,
     ) -> crate::store::StoreResult<bool> {
-        match self.writer.get() {
-            Some(w) => w.write(e.clone()).await,
-            None => match state.store.update_execution(e).await {
-                Ok(()) => Ok(true),
-                Err(crate::store::StoreError::VersionConflict(_)) => Ok(false),
-                Err(other) => Err(other),
-            },
+        let written = matches!(
+            self.device_write(state, DeviceWrite::Update(e.clone()))
+                .await?,
+            DeviceWriteOutcome::Updated(true)
+        );
+        if written {
+            self.remember_execution(e);
+        } else {
+            self.forget_execution(&e.thing_name, &e.job_id);
         }
+        Ok(written)
+    }
+
+    /// StartNextPendingJobExecution for `thing`, group-committed.
+    pub async fn start_next(
+        &self,
+        state: &AppState,
+        thing: &str,
+        status_details: Option<BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> crate::store::StoreResult<Option<JobExecution>> {
+        let w = DeviceWrite::StartNext {
+            thing: thing.to_owned(),
+            status_details,
+            now_ms,
+        };
+        match self.device_write(state, w).await? {
+            DeviceWriteOutcome::Started(Some(e)) => {
+                self.remember_execution(&e);
+                Ok(Some(e))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The execution of `job_id` on `thing` as this server last saw it (see `executions`).
+    pub fn cached_execution(
+        &self,
+        thing: &str,
+        job_id: &str,
+        execution_number: Option<i64>,
+    ) -> Option<JobExecution> {
+        let m = self.executions.lock().ok()?;
+        let e = m.get(&(thing.to_owned(), job_id.to_owned()))?;
+        execution_number
+            .is_none_or(|n| n == e.execution_number)
+            .then(|| e.clone())
+    }
+
+    fn remember_execution(&self, e: &JobExecution) {
+        let Ok(mut m) = self.executions.lock() else {
+            return;
+        };
+        let key = (e.thing_name.clone(), e.job_id.clone());
+        if e.status.is_terminal() {
+            // Nothing more will be written to it by its device.
+            m.remove(&key);
+            return;
+        }
+        if m.len() >= MAX_CACHED_EXECUTIONS {
+            m.clear();
+        }
+        m.insert(key, e.clone());
+    }
+
+    pub fn forget_execution(&self, thing: &str, job_id: &str) {
+        if let Ok(mut m) = self.executions.lock() {
+            m.remove(&(thing.to_owned(), job_id.to_owned()));
+        }
+    }
+
+    /// A job, from memory if it was read less than [`METADATA_TTL`] ago.
+    pub async fn job(
+        &self,
+        state: &AppState,
+        job_id: &str,
+    ) -> crate::store::StoreResult<Option<Arc<Job>>> {
+        if let Some(j) = self.jobs.get(job_id) {
+            return Ok(Some(j));
+        }
+        let Some(j) = state.store.get_job(job_id).await? else {
+            return Ok(None);
+        };
+        let j = Arc::new(j);
+        self.jobs.put(job_id.to_owned(), j.clone());
+        Ok(Some(j))
+    }
+
+    /// Forgets what is cached about a job (it was created, updated or deleted here).
+    pub fn invalidate_job(&self, job_id: &str) {
+        self.jobs.forget(job_id);
     }
 
     /// The job document as a device receives it: pre-signed URL placeholders replaced when
@@ -175,34 +332,20 @@ impl DataPlane {
         state: &AppState,
         stream_id: &str,
     ) -> crate::store::StoreResult<Option<Arc<crate::store::Stream>>> {
-        let now = Instant::now();
-        if let Some((at, s)) = self
-            .stream_meta
-            .lock()
-            .ok()
-            .and_then(|m| m.get(stream_id).cloned())
-            && now.duration_since(at) < METADATA_TTL
-        {
+        if let Some(s) = self.stream_meta.get(stream_id) {
             return Ok(Some(s));
         }
         let Some(s) = state.store.get_stream(stream_id).await? else {
             return Ok(None);
         };
         let s = Arc::new(s);
-        if let Ok(mut m) = self.stream_meta.lock() {
-            if m.len() > 10_000 {
-                m.retain(|_, (at, _)| now.duration_since(*at) < METADATA_TTL);
-            }
-            m.insert(stream_id.to_owned(), (now, s.clone()));
-        }
+        self.stream_meta.put(stream_id.to_owned(), s.clone());
         Ok(Some(s))
     }
 
     /// Forgets what is cached about a stream (it was updated or deleted).
     pub fn invalidate_stream(&self, stream_id: &str) {
-        if let Ok(mut m) = self.stream_meta.lock() {
-            m.remove(stream_id);
-        }
+        self.stream_meta.forget(stream_id);
     }
 
     /// The blob and size of a stream file's object version.
@@ -216,11 +359,8 @@ impl DataPlane {
             file.key.clone(),
             file.resolved_version.clone(),
         );
-        let now = Instant::now();
-        if let Some((at, blob, size)) = self.blobs.lock().ok().and_then(|m| m.get(&key).cloned())
-            && now.duration_since(at) < METADATA_TTL
-        {
-            return Ok((blob, size));
+        if let Some(found) = self.blobs.get(&key) {
+            return Ok(found);
         }
         let object = state
             .store
@@ -229,12 +369,7 @@ impl DataPlane {
             .map_err(|e| e.to_string())?
             .filter(|o| !o.delete_marker)
             .ok_or_else(|| format!("the object behind file {} no longer exists", file.file_id))?;
-        if let Ok(mut m) = self.blobs.lock() {
-            if m.len() > 10_000 {
-                m.retain(|_, (at, _, _)| now.duration_since(*at) < METADATA_TTL);
-            }
-            m.insert(key, (now, object.blob.clone(), object.size));
-        }
+        self.blobs.put(key, (object.blob.clone(), object.size));
         Ok((object.blob, object.size))
     }
 
@@ -299,7 +434,7 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
     let _ = state
         .data_plane
         .writer
-        .set(writer::ExecutionWriter::spawn(state.store.clone()));
+        .set(writer::DeviceWriter::spawn(state.store.clone()));
     let mut senders = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<Inbound>(1024);

@@ -845,6 +845,7 @@ async fn delete_parts(
             Some(job) if job.status != JobStatus::DeletionInProgress => {
                 let things = super::jobs::things_of_job(state, job_id).await?;
                 state.store.delete_job(job_id, true).await?;
+                state.data_plane.invalidate_job(job_id);
                 state.data_plane.things_changed(state, things);
             }
             _ => {}

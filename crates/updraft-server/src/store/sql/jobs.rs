@@ -17,6 +17,68 @@ impl SqlStore {
         row.as_ref().map(row_job).transpose()
     }
 
+    /// Writes `e` if its stored version is `e.version - 1`; whether it did. The queue time
+    /// must match too: it never changes, so it tells a re-created job's execution from the
+    /// one `e` was read from.
+    async fn update_execution_in(&self, tx: &mut Tx, e: &JobExecution) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
+             updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
+             AND version = $10 AND queued_ms = $11",
+        )
+        .bind(&e.job_id)
+        .bind(&e.thing_name)
+        .bind(e.execution_number)
+        .bind(e.status.as_str())
+        .bind(flag(e.force_canceled))
+        .bind(to_json(&e.status_details)?)
+        .bind(e.started_ms)
+        .bind(e.updated_ms)
+        .bind(e.version)
+        .bind(e.version - 1)
+        .bind(e.queued_ms)
+        .execute(&mut **tx)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// StartNext inside a transaction: the thing's next pending execution, started.
+    async fn start_next_in(
+        &self,
+        tx: &mut Tx,
+        thing: &str,
+        status_details: Option<&BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> StoreResult<Option<JobExecution>> {
+        let row = sqlx::query(self.locked(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
+             AND status IN ('IN_PROGRESS', 'QUEUED') \
+             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT 1"
+        )))
+        .bind(thing)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(mut e) = row.as_ref().map(row_execution).transpose()? else {
+            return Ok(None);
+        };
+        if e.status == ExecutionStatus::Queued {
+            e.status = ExecutionStatus::InProgress;
+            e.started_ms = Some(now_ms);
+            e.updated_ms = now_ms;
+            if let Some(d) = status_details {
+                e.status_details = d.clone();
+            }
+            e.version += 1;
+            if !self.update_execution_in(tx, &e).await? {
+                return Err(StoreError::VersionConflict(format!(
+                    "The execution of job {} on {thing} changed while it was started.",
+                    e.job_id
+                )));
+            }
+        }
+        Ok(Some(e))
+    }
+
     /// Completes a SNAPSHOT job in progress whose executions are all terminal.
     async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
         // One statement: the job row is locked by the UPDATE itself on both backends.
@@ -389,54 +451,35 @@ impl JobStore for SqlStore {
         }))
     }
 
-    async fn update_execution(&self, e: &JobExecution) -> StoreResult<()> {
-        match self
-            .update_executions(std::slice::from_ref(e))
-            .await?
-            .first()
-        {
-            Some(true) => Ok(()),
-            _ => Err(StoreError::VersionConflict(format!(
-                "The execution of job {} on {} was changed concurrently.",
-                e.job_id, e.thing_name
-            ))),
-        }
-    }
-
-    async fn update_executions(&self, executions: &[JobExecution]) -> StoreResult<Vec<bool>> {
+    async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
         let mut tx = self.begin().await?;
-        let mut written = Vec::with_capacity(executions.len());
+        let mut outcomes = Vec::with_capacity(writes.len());
         let mut ended_jobs: BTreeMap<&str, i64> = BTreeMap::new();
-        for e in executions {
-            let done = sqlx::query(
-                "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
-                 updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
-                 AND version = $10",
-            )
-            .bind(&e.job_id)
-            .bind(&e.thing_name)
-            .bind(e.execution_number)
-            .bind(e.status.as_str())
-            .bind(flag(e.force_canceled))
-            .bind(to_json(&e.status_details)?)
-            .bind(e.started_ms)
-            .bind(e.updated_ms)
-            .bind(e.version)
-            .bind(e.version - 1)
-            .execute(&mut *tx)
-            .await?;
-            let ok = done.rows_affected() > 0;
-            // Only a terminal execution can be the last one a SNAPSHOT job waited for.
-            if ok && e.status.is_terminal() {
-                ended_jobs.insert(&e.job_id, e.updated_ms);
-            }
-            written.push(ok);
+        for w in writes {
+            outcomes.push(match w {
+                DeviceWrite::Update(e) => {
+                    let ok = self.update_execution_in(&mut tx, e).await?;
+                    // Only a terminal execution can be the last one a SNAPSHOT job waited for.
+                    if ok && e.status.is_terminal() {
+                        ended_jobs.insert(&e.job_id, e.updated_ms);
+                    }
+                    DeviceWriteOutcome::Updated(ok)
+                }
+                DeviceWrite::StartNext {
+                    thing,
+                    status_details,
+                    now_ms,
+                } => DeviceWriteOutcome::Started(
+                    self.start_next_in(&mut tx, thing, status_details.as_ref(), *now_ms)
+                        .await?,
+                ),
+            });
         }
         for (job_id, at) in ended_jobs {
             self.complete_if_done(&mut tx, job_id, at).await?;
         }
         tx.commit().await?;
-        Ok(written)
+        Ok(outcomes)
     }
 
     async fn delete_execution(
@@ -515,48 +558,5 @@ impl JobStore for SqlStore {
         insert_execution(&mut tx, e).await?;
         tx.commit().await?;
         Ok(true)
-    }
-
-    async fn start_next_execution(
-        &self,
-        thing: &str,
-        status_details: Option<&BTreeMap<String, String>>,
-        now_ms: i64,
-    ) -> StoreResult<Option<JobExecution>> {
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(self.locked(&format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
-             AND status IN ('IN_PROGRESS', 'QUEUED') \
-             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT 1"
-        )))
-        .bind(thing)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(mut e) = row.as_ref().map(row_execution).transpose()? else {
-            return Ok(None);
-        };
-        if e.status == ExecutionStatus::Queued {
-            e.status = ExecutionStatus::InProgress;
-            e.started_ms = Some(now_ms);
-            e.updated_ms = now_ms;
-            if let Some(d) = status_details {
-                e.status_details = d.clone();
-            }
-            e.version += 1;
-            sqlx::query(
-                "UPDATE job_executions SET status = 'IN_PROGRESS', status_details = $4, started_ms = $5, \
-                 updated_ms = $5, version = version + 1 WHERE job_id = $1 AND thing_name = $2 \
-                 AND execution_number = $3",
-            )
-            .bind(&e.job_id)
-            .bind(&e.thing_name)
-            .bind(e.execution_number)
-            .bind(to_json(&e.status_details)?)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
-        Ok(Some(e))
     }
 }
