@@ -527,13 +527,15 @@ impl JobStore for SqlStore {
         thing: &str,
         limit: usize,
     ) -> StoreResult<Vec<JobExecution>> {
+        // The limit is part of the statement text, not a parameter: SQLite plans with a
+        // bound LIMIT's value, so every rebinding would make it prepare the statement again
+        // (the callers use a handful of limits, each one cached statement).
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
              AND status IN ('IN_PROGRESS', 'QUEUED') \
-             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT $2"
+             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT {limit}"
         )))
         .bind(thing)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(row_execution).collect()
