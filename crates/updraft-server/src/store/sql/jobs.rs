@@ -7,6 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
+/// Whose executions a listing walks.
+#[derive(Clone, Copy)]
+enum ExecutionsOf<'a> {
+    Job(&'a str),
+    /// A thing's, optionally of one job only.
+    Thing(&'a str, Option<&'a str>),
+}
+
 impl SqlStore {
     async fn job_in(&self, tx: &mut Tx, id: &str) -> StoreResult<Option<Job>> {
         let row =
@@ -77,6 +85,46 @@ impl SqlStore {
             }
         }
         Ok(Some(e))
+    }
+
+    /// One keyset-paged listing of executions: a job's (in thing order) or a thing's (in
+    /// job order, optionally of one job), then by execution number.
+    async fn list_executions(
+        &self,
+        of: ExecutionsOf<'_>,
+        status: Option<ExecutionStatus>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<JobExecution>> {
+        let (fixed, key, only_job, paged) = match of {
+            ExecutionsOf::Job(job) => ("job_id", job, None, "thing_name"),
+            ExecutionsOf::Thing(thing, job) => ("thing_name", thing, job, "job_id"),
+        };
+        let (after, after_number) = page
+            .after
+            .as_deref()
+            .map(split_execution_key)
+            .unwrap_or((String::new(), i64::MAX));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE {fixed} = $1 AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR job_id = $3) AND ({paged} > $4 OR ({paged} = $4 AND execution_number > $5)) \
+             ORDER BY {paged}, execution_number LIMIT $6"
+        )))
+        .bind(key)
+        .bind(status.map(|s| s.as_str()))
+        .bind(only_job)
+        .bind(after)
+        .bind(after_number)
+        .bind(page_limit(page))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(row_execution)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page, |e| match of {
+            ExecutionsOf::Job(_) => format!("{}/{}", e.thing_name, e.execution_number),
+            ExecutionsOf::Thing(..) => format!("{}/{}", e.job_id, e.execution_number),
+        }))
     }
 
     /// Completes a SNAPSHOT job in progress whose executions are all terminal.
@@ -391,30 +439,8 @@ impl JobStore for SqlStore {
         status: Option<ExecutionStatus>,
         page: &PageRequest,
     ) -> StoreResult<Page<JobExecution>> {
-        let (after_thing, after_number) = page
-            .after
-            .as_deref()
-            .map(split_execution_key)
-            .unwrap_or((String::new(), i64::MAX));
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE job_id = $1 AND ($2 IS NULL OR status = $2) \
-             AND (thing_name > $3 OR (thing_name = $3 AND execution_number > $4)) \
-             ORDER BY thing_name, execution_number LIMIT $5"
-        )))
-        .bind(job_id)
-        .bind(status.map(|s| s.as_str()))
-        .bind(after_thing)
-        .bind(after_number)
-        .bind(page_limit(page))
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(row_execution)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(paginate(items, page, |e| {
-            format!("{}/{}", e.thing_name, e.execution_number)
-        }))
+        self.list_executions(ExecutionsOf::Job(job_id), status, page)
+            .await
     }
 
     async fn list_executions_for_thing(
@@ -424,31 +450,8 @@ impl JobStore for SqlStore {
         job_id: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<Page<JobExecution>> {
-        let (after_job, after_number) = page
-            .after
-            .as_deref()
-            .map(split_execution_key)
-            .unwrap_or((String::new(), i64::MAX));
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 AND ($2 IS NULL OR status = $2) \
-             AND ($3 IS NULL OR job_id = $3) AND (job_id > $4 OR (job_id = $4 AND execution_number > $5)) \
-             ORDER BY job_id, execution_number LIMIT $6"
-        )))
-        .bind(thing)
-        .bind(status.map(|s| s.as_str()))
-        .bind(job_id)
-        .bind(after_job)
-        .bind(after_number)
-        .bind(page_limit(page))
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(row_execution)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(paginate(items, page, |e| {
-            format!("{}/{}", e.job_id, e.execution_number)
-        }))
+        self.list_executions(ExecutionsOf::Thing(thing, job_id), status, page)
+            .await
     }
 
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
