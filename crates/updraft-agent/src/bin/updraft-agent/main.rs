@@ -38,6 +38,10 @@ const EXIT_RESTART: u8 = 75;
 const EXIT_LOCKED: u8 = 3;
 const EXIT_USAGE: u8 = 2;
 
+/// How long after the self-test deadline the command is killed if the agent has not yet
+/// acted on its own timer (which resets into the old image, killing the command).
+const SELF_TEST_GRACE: Duration = Duration::from_secs(2);
+
 /// The resume checkpoint, in the install directory.
 const RESUME_FILE: &str = "resume.json";
 /// The private socket rumqttc reaches the TLS bridge through.
@@ -225,6 +229,9 @@ fn start(path: &Path, stderr: bool, mode: RestartMode) -> Result<ExitCode> {
 /// (activation, self-test) until the agent stops. Returns the restart the PAL asked for.
 async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
     let started = Instant::now();
+    // First, so that a stop request from now on is handled (checkpoint, clean exit).
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let version = pal.running_version()?;
     let state = pal.state().clone();
     let slot = state.active;
@@ -289,8 +296,6 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
     let mqtt_task = tokio::spawn(run_event_loop(eventloop, handle.clone(), |p| {
         debug!(topic = %p.topic, "message for nobody");
     }));
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     // Activation and the self-test: ended (the self-test command killed) when the agent stops.
     let mut tasks = JoinSet::new();
     let self_test_deadline = started + cfg.self_test_timeout();
@@ -316,7 +321,9 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
                         job_id,
                     };
                     let argv = cfg.self_test.command.clone();
-                    let left = self_test_deadline.saturating_duration_since(Instant::now());
+                    // The agent's self-test timer decides a timeout; this is a backstop.
+                    let left = self_test_deadline.saturating_duration_since(Instant::now())
+                        + SELF_TEST_GRACE;
                     tasks.spawn(self_test(handle.clone(), argv, subject, left));
                 }
                 JobEvent::Fail { job_id, reason } => {
@@ -356,9 +363,9 @@ fn stop(handle: &AgentHandle, why: &str) {
 }
 
 /// Runs the self-test command and gives the agent its verdict: pass → Accepted (committed,
-/// SUCCEEDED); fail → Rejected (FAILED, reset, rolled back). A command still running at the
-/// deadline is killed and no verdict given: the agent's self-test timer (the same deadline)
-/// resets the device, which rolls back, and the old image reports the job FAILED.
+/// SUCCEEDED); fail → Rejected (FAILED, reset, rolled back). No verdict by the deadline: the
+/// agent's self-test timer resets the device, which rolls back, stops the agent and so
+/// kills the command; the old image then reports the job FAILED.
 async fn self_test(
     handle: AgentHandle,
     argv: Vec<String>,
