@@ -56,7 +56,6 @@ impl Default for Setup {
 /// A device: its configuration file, install directory (slot a holds the factory image
 /// of version OLD) and log file.
 struct Device {
-    thing: String,
     config: PathBuf,
     install: PathBuf,
     log: PathBuf,
@@ -164,7 +163,6 @@ source = "header"
         let config_path = dir.join("agent.toml");
         fs::write(&config_path, config).expect("config");
         Device {
-            thing: thing.into(),
             config: config_path,
             install,
             log,

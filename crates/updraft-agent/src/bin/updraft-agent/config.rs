@@ -180,10 +180,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the configuration {}", path.display()))?;
-        let mut c: Config = toml::from_str(&text)
-            .with_context(|| format!("parsing the configuration {}", path.display()))?;
-        // Relative paths are relative to the configuration file.
-        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("the configuration {}", path.display()))
+    }
+
+    /// Parses and checks a configuration; relative paths are relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config> {
+        let mut c: Config = toml::from_str(text)?;
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -296,5 +299,54 @@ impl Config {
                 Ok((certfile.clone(), pem))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../../../packaging/updraft-agent.toml");
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let c = Config::parse(EXAMPLE, Path::new("/etc/updraft-agent")).expect("example");
+        assert!(
+            matches!(c.transport(), Ok(Transport::Tls { server_name, .. }) if server_name == "updraft.example.com")
+        );
+        assert_eq!(c.install_dir, Path::new("/var/lib/updraft-agent"));
+        assert_eq!(c.self_test_timeout(), Duration::from_secs(60));
+        let a = c
+            .agent_config(AppVersion::new(1, 0, 0))
+            .expect("agent config");
+        assert_eq!((a.block_size, a.blocks_per_request), (4096, 8));
+    }
+
+    #[test]
+    fn mistakes_are_refused() {
+        let base = Path::new("/etc");
+        let minimal = |broker: &str, extra: &str| {
+            format!(
+                "thing_name = \"d\"\ninstall_dir = \"i\"\n{extra}\n[broker]\n{broker}\n[signers]\n\"c\" = \"s.pem\"\n"
+            )
+        };
+        let plain = "host = \"127.0.0.1\"\nport = 1883\nplain = true";
+        let c = Config::parse(&minimal(plain, ""), base).expect("minimal");
+        assert_eq!(c.install_dir, Path::new("/etc/i"), "relative to the file");
+        assert_eq!(c.signers["c"], Path::new("/etc/s.pem"));
+        for (broker, extra) in [
+            ("host = \"10.0.0.1\"\nport = 1883\nplain = true", ""),
+            ("host = \"h\"\nport = 8883\nca = \"ca.pem\"", ""),
+            (plain, "typo = 1"),
+            (plain, "[download]\nblock_size = 10"),
+            (plain, "[download]\nformat = \"xml\""),
+            (plain, "[version]\nsource = \"file\""),
+            (plain, "[version]\nfactory = \"one\""),
+        ] {
+            assert!(
+                Config::parse(&minimal(broker, extra), base).is_err(),
+                "{broker} {extra}"
+            );
+        }
     }
 }
