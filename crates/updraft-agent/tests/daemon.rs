@@ -189,6 +189,11 @@ impl Device {
             .expect("start the daemon")
     }
 
+    /// The image `current` points at.
+    fn current_image(&self) -> Vec<u8> {
+        fs::read(self.install.join("current/image")).expect("the current image")
+    }
+
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -235,14 +240,24 @@ impl Device {
     }
 }
 
-/// SIGTERM, then the exit status.
-fn terminate(mut child: Child) -> ExitStatus {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    child.wait().expect("wait")
+impl Device {
+    /// SIGTERM, once the last start handles signals; then the exit status.
+    async fn terminate(&self, mut child: Child) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while (self.log_text().matches(" starting ").count() as u32) < self.starts {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        child.wait().expect("wait")
+    }
 }
 
 fn kill9(mut child: Child) {
@@ -285,10 +300,7 @@ async fn update_over_mutual_tls_installs_self_tests_and_commits() {
     );
     assert_eq!(exits, [RESTART], "one restart, into the new image");
     assert_eq!(linux::current_slot(&dev.install), Some(Slot::B));
-    assert_eq!(
-        fs::read(dev.install.join("current/image")).expect("image"),
-        image
-    );
+    assert_eq!(dev.current_image(), image);
     assert_eq!(
         fs::read(dev.install.join("slots/a/image")).expect("old"),
         dev.factory,
@@ -301,7 +313,8 @@ async fn update_over_mutual_tls_installs_self_tests_and_commits() {
     );
     assert!(log.contains("MQTT over mutual TLS"), "{log}");
     assert!(
-        log.contains("self-test: stdout: self-test ok") || log.contains("stdout: self-test ok")
+        log.contains("updraft_agent::self_test: stdout: self-test ok"),
+        "the command's output is logged: {log}"
     );
     assert!(log.contains("self-test passed: committing"), "{log}");
     assert!(log.contains("image committed"), "{log}");
@@ -321,7 +334,11 @@ async fn update_over_mutual_tls_installs_self_tests_and_commits() {
     assert!(text.contains("daemon:       running"), "{text}");
 
     let child = child.expect("the daemon runs on");
-    assert_eq!(terminate(child).code(), Some(0), "SIGTERM stops it cleanly");
+    assert_eq!(
+        dev.terminate(child).await.code(),
+        Some(0),
+        "SIGTERM stops it cleanly"
+    );
     assert!(dev.log_text().contains("SIGTERM: stopping"));
 }
 
@@ -353,7 +370,7 @@ async fn expect_rollback(env: &Env, name: &str, setup: Setup, reason: &str) -> S
     );
     assert_eq!(linux::current_slot(&dev.install), Some(Slot::A), "{name}");
     assert_eq!(
-        fs::read(dev.install.join("current/image")).expect("image"),
+        dev.current_image(),
         dev.factory,
         "{name}: the old image runs again"
     );
@@ -369,7 +386,7 @@ async fn expect_rollback(env: &Env, name: &str, setup: Setup, reason: &str) -> S
     );
     // Back on the old image, the daemon runs on (and reports its version as 1.0.0).
     let child = child.expect("running");
-    assert_eq!(terminate(child).code(), Some(0), "{name}");
+    assert_eq!(dev.terminate(child).await.code(), Some(0), "{name}");
     log
 }
 
@@ -480,10 +497,7 @@ async fn killed_at_25_50_75_percent_resumes_and_refetches_at_most_one_request_pe
         "{log}"
     );
     assert_eq!(exits, [RESTART]);
-    assert_eq!(
-        fs::read(dev.install.join("current/image")).expect("image"),
-        image
-    );
+    assert_eq!(dev.current_image(), image);
     let written = blocks_written(&log);
     let distinct: std::collections::BTreeSet<_> = written.iter().copied().collect();
     let twice = written.len() as u64 - distinct.len() as u64;
@@ -501,7 +515,7 @@ async fn killed_at_25_50_75_percent_resumes_and_refetches_at_most_one_request_pe
         3,
         "each restart resumed instead of starting over"
     );
-    terminate(child.expect("running"));
+    dev.terminate(child.expect("running")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,7 +550,7 @@ async fn a_second_instance_on_the_same_install_dir_refuses_to_start() {
         )),
         "{stderr}"
     );
-    assert_eq!(terminate(first).code(), Some(0));
+    assert_eq!(dev.terminate(first).await.code(), Some(0));
     assert_eq!(
         dev.state().active,
         Slot::A,
@@ -544,7 +558,8 @@ async fn a_second_instance_on_the_same_install_dir_refuses_to_start() {
     );
 }
 
-/// Peak RSS of the daemon downloading a 4 MiB image (VmHWM), for the footprint figures.
+/// Peak RSS of the daemon downloading a 4 MiB image over mutual TLS (VmHWM), for the
+/// footprint figures.
 /// Run with the release binary:
 /// `UPDRAFT_AGENT_BIN=target/release/updraft-agent cargo test -p updraft-agent --test daemon -- --ignored --nocapture footprint`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -557,6 +572,7 @@ async fn footprint() {
         .device(
             &u.thing,
             Setup {
+                tls: true,
                 log_level: "info",
                 block_size: 4096,
                 per_request: 8,
@@ -586,8 +602,5 @@ async fn footprint() {
         image.len(),
         started.elapsed()
     );
-    assert_eq!(
-        fs::read(dev.install.join("current/image")).expect("image"),
-        image
-    );
+    assert_eq!(dev.current_image(), image);
 }
