@@ -59,9 +59,11 @@ struct Device {
     config: PathBuf,
     install: PathBuf,
     log: PathBuf,
-    /// The daemon's stdout and stderr, one file per start.
+    /// Starts so far (each writes its stdout and stderr to its own file).
     starts: u32,
     factory: Vec<u8>,
+    /// Extra arguments of `run`.
+    args: Vec<&'static str>,
 }
 
 fn toml_str(p: &Path) -> String {
@@ -168,6 +170,7 @@ source = "header"
             log,
             starts: 0,
             factory,
+            args: Vec::new(),
         }
     }
 }
@@ -182,6 +185,7 @@ impl Device {
         Command::new(daemon_bin())
             .args(["run", "--stderr", "--config"])
             .arg(&self.config)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("console"))
             .stderr(out)
@@ -340,6 +344,31 @@ async fn update_over_mutual_tls_installs_self_tests_and_commits() {
         "SIGTERM stops it cleanly"
     );
     assert!(dev.log_text().contains("SIGTERM: stopping"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_exec_reexecutes_in_place_without_a_supervisor() {
+    let env = env("daemon-exec").await;
+    let image = firmware(NEW, 30_000, 5);
+    let u = env.create("dev-exec", env.spec(&image)).await;
+    let mut dev = env.device(&u.thing, Setup::default()).await;
+    dev.args = vec!["--restart", "exec"];
+    let (child, exits) = dev.supervise(&env, &u, |e, _| e.status.is_terminal()).await;
+    let log = dev.log_text();
+    assert_eq!(
+        env.execution(&u).await.status,
+        ExecutionStatus::Succeeded,
+        "{log}"
+    );
+    assert!(exits.is_empty(), "the process never exited: {exits:?}");
+    assert!(log.contains("restarting: re-executing"), "{log}");
+    assert_eq!(log.matches(" starting ").count(), 2, "{log}");
+    assert_eq!(dev.current_image(), image);
+    // Still the process the test started (exec keeps the pid), now holding the lock again.
+    let child = child.expect("running");
+    let lock = fs::read_to_string(dev.install.join(linux::LOCK_FILE)).expect("lock");
+    assert_eq!(lock, child.id().to_string());
+    assert_eq!(dev.terminate(child).await.code(), Some(0));
 }
 
 /// Runs a device whose self-test fails in `setup`'s way, until the job ended and the
