@@ -1,0 +1,123 @@
+//! The self-test command: run against the new slot, with a deadline.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tracing::{info, warn};
+
+/// What the command is told about the image under test (as environment variables).
+pub struct Subject {
+    pub slot_dir: PathBuf,
+    pub image: PathBuf,
+    pub version: String,
+    pub job_id: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail(String),
+    TimedOut,
+}
+
+/// Runs `argv` in the slot's directory with `UPDRAFT_SLOT_DIR`, `UPDRAFT_IMAGE`,
+/// `UPDRAFT_VERSION` and `UPDRAFT_JOB_ID` set. Its output goes to the log line by line. Exit
+/// status 0 passes; anything else, or failing to start it, fails. Past `timeout` it is
+/// killed.
+pub async fn run(argv: &[String], subject: &Subject, timeout: Duration) -> Verdict {
+    let Some((program, args)) = argv.split_first() else {
+        return Verdict::Pass;
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(&subject.slot_dir)
+        .env("UPDRAFT_SLOT_DIR", &subject.slot_dir)
+        .env("UPDRAFT_IMAGE", &subject.image)
+        .env("UPDRAFT_VERSION", &subject.version)
+        .env("UPDRAFT_JOB_ID", &subject.job_id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Verdict::Fail(format!("cannot start {program}: {e}")),
+    };
+    info!(pid = child.id(), "self-test started: {}", argv.join(" "));
+    let out = child
+        .stdout
+        .take()
+        .map(|s| tokio::spawn(log_lines(s, "stdout")));
+    let err = child
+        .stderr
+        .take()
+        .map(|s| tokio::spawn(log_lines(s, "stderr")));
+    let verdict = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Verdict::Pass,
+        Ok(Ok(status)) => Verdict::Fail(format!("the self-test exited with {status}")),
+        Ok(Err(e)) => Verdict::Fail(format!("waiting for the self-test: {e}")),
+        Err(_) => {
+            if let Err(e) = child.kill().await {
+                warn!("killing the self-test: {e}");
+            }
+            Verdict::TimedOut
+        }
+    };
+    // A grandchild may keep the pipes open: do not wait for them.
+    for t in [out, err].into_iter().flatten() {
+        t.abort();
+    }
+    verdict
+}
+
+async fn log_lines(stream: impl AsyncRead + Unpin, which: &'static str) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        info!(target: "updraft_agent::self_test", "{which}: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject() -> Subject {
+        Subject {
+            slot_dir: std::env::temp_dir(),
+            image: std::env::temp_dir().join("image"),
+            version: "1.2.3".into(),
+            job_id: "job-1".into(),
+        }
+    }
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into(), script.into()]
+    }
+
+    #[tokio::test]
+    async fn verdicts() {
+        let s = subject();
+        let t = Duration::from_secs(10);
+        assert_eq!(run(&[], &s, t).await, Verdict::Pass);
+        assert_eq!(
+            run(
+                &sh("test \"$UPDRAFT_VERSION\" = 1.2.3 && test \"$UPDRAFT_JOB_ID\" = job-1"),
+                &s,
+                t
+            )
+            .await,
+            Verdict::Pass
+        );
+        assert!(matches!(run(&sh("exit 3"), &s, t).await, Verdict::Fail(m) if m.contains('3')));
+        assert!(matches!(
+            run(&["/nonexistent/self-test".into()], &s, t).await,
+            Verdict::Fail(m) if m.contains("cannot start")
+        ));
+        assert_eq!(
+            run(&sh("exec sleep 30"), &s, Duration::from_millis(200)).await,
+            Verdict::TimedOut
+        );
+    }
+}
