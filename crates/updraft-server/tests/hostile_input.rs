@@ -168,6 +168,19 @@ enum JobsTarget {
     InvalidTopic,
 }
 
+impl JobsTarget {
+    const ALL: &[JobsTarget] = &[
+        JobsTarget::GetPending,
+        JobsTarget::StartNext,
+        JobsTarget::DescribeExisting,
+        JobsTarget::DescribeMissing,
+        JobsTarget::UpdateTerminal,
+        JobsTarget::UpdateMissing,
+        JobsTarget::UpdateBadStatus,
+        JobsTarget::InvalidTopic,
+    ];
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Jobs(JobsTarget),
@@ -216,16 +229,7 @@ const JOB_FIELDS: &[&str] = &[
 
 fn jobs_case(rng: &mut Rng, thing: &str) -> Case {
     use JobsTarget::*;
-    let target = *rng.pick(&[
-        GetPending,
-        StartNext,
-        DescribeExisting,
-        DescribeMissing,
-        UpdateTerminal,
-        UpdateMissing,
-        UpdateBadStatus,
-        InvalidTopic,
-    ]);
+    let target = *rng.pick(JobsTarget::ALL);
     let missing = format!("nope-{}", rng.below(1000));
     let suffix = match target {
         GetPending => "get".to_owned(),
