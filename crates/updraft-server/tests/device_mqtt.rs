@@ -943,7 +943,7 @@ async fn streams_in(dev: &mut Device, format: Format, data: &[u8]) {
     stream_request(dev, STREAM, "describe", format, undecodable)
         .await
         .rejected(undecodable_code);
-    // The object behind a file is gone; a file is shorter than its stream records.
+    // The object behind a file is gone; an object is not the size its stream recorded.
     stream_request(
         dev,
         "broken-stream",
@@ -959,5 +959,5 @@ async fn streams_in(dev: &mut Device, format: Format, data: &[u8]) {
     };
     stream_request(dev, "broken-stream", "get", format, short.encode(format))
         .await
-        .rejected("InternalError");
+        .rejected("ETagMismatch");
 }

@@ -445,6 +445,7 @@ async fn streams_versions_and_order(s: Arc<dyn Store>) {
                 version: None,
                 resolved_version: "null".into(),
                 size: 10,
+                etag: None,
             }],
             role_arn: "arn:aws:iam::123456789012:role/r".into(),
             created_ms: 1_000 + i,

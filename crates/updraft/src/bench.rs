@@ -403,6 +403,7 @@ async fn create_stream(state: &AppState, data: Vec<u8>) -> anyhow::Result<()> {
                 version: None,
                 resolved_version: "null".into(),
                 size,
+                etag: None,
             }],
             role_arn: "arn:aws:iam::123456789012:role/bench".into(),
             created_ms: now,

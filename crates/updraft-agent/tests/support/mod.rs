@@ -204,6 +204,7 @@ impl Env {
                     version: None,
                     resolved_version: "null".into(),
                     size,
+                    etag: None,
                 }],
                 role_arn: "arn:aws:iam::123456789012:role/ota".into(),
                 created_ms: now,

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::mqtt::{Inbound, MessageBus};
 use crate::server::AppState;
 use crate::store::{DeviceWrite, DeviceWriteOutcome, Job, JobExecution};
+use updraft_protocol::streams::{RejectCode, StreamError};
 
 /// Placeholders CreateJob documents may carry; replaced with pre-signed URLs on delivery.
 const PRESIGN_PREFIX: &str = "${aws:iot:s3-presigned-url:";
@@ -45,7 +46,8 @@ pub struct DataPlane {
     /// Streams as recently read, and which blob holds each of their files: a fleet asking
     /// for blocks of one stream costs the database one read per [`METADATA_TTL`].
     stream_meta: Recent<String, Arc<crate::store::Stream>>,
-    blobs: Recent<ObjectRef, (String, u64)>,
+    /// (blob, size, ETag) of object versions.
+    blobs: Recent<ObjectRef, (String, u64, String)>,
     /// Jobs as recently read, for their documents: a fleet starting one job costs the
     /// database one read per [`METADATA_TTL`].
     jobs: Recent<String, Arc<Job>>,
@@ -325,7 +327,6 @@ impl DataPlane {
         out
     }
 
-    /// The contents of a stream file (from the cache when it is there).
     /// A stream, from memory if it was read less than [`METADATA_TTL`] ago.
     pub async fn stream(
         &self,
@@ -348,29 +349,53 @@ impl DataPlane {
         self.stream_meta.forget(stream_id);
     }
 
-    /// The blob and size of a stream file's object version.
+    /// The blob and size of a stream file's object version, if it still holds what the
+    /// stream was made from.
     async fn blob_of(
         &self,
         state: &AppState,
         file: &crate::store::StreamFile,
-    ) -> Result<(String, u64), String> {
+    ) -> Result<(String, u64), StreamError> {
         let key = (
             file.bucket.clone(),
             file.key.clone(),
             file.resolved_version.clone(),
         );
-        if let Some(found) = self.blobs.get(&key) {
-            return Ok(found);
+        let (blob, size, etag) = match self.blobs.get(&key) {
+            Some(found) => found,
+            None => {
+                let object = state
+                    .store
+                    .get_object(&file.bucket, &file.key, Some(&file.resolved_version))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "store failure serving a stream file");
+                        StreamError::new(RejectCode::InternalError, "Internal error")
+                    })?
+                    .filter(|o| !o.delete_marker)
+                    .ok_or_else(|| {
+                        StreamError::new(
+                            RejectCode::ResourceNotFound,
+                            format!("the object behind file {} no longer exists", file.file_id),
+                        )
+                    })?;
+                let found = (object.blob, object.size, object.etag);
+                self.blobs.put(key, found.clone());
+                found
+            }
+        };
+        // An overwrite in an unversioned bucket keeps the version id: serving the new bytes
+        // under the old size would hand devices a mix of two files.
+        if size != file.size || file.etag.as_ref().is_some_and(|e| *e != etag) {
+            return Err(StreamError::new(
+                RejectCode::ETagMismatch,
+                format!(
+                    "the object behind file {} changed after the stream was written",
+                    file.file_id
+                ),
+            ));
         }
-        let object = state
-            .store
-            .get_object(&file.bucket, &file.key, Some(&file.resolved_version))
-            .await
-            .map_err(|e| e.to_string())?
-            .filter(|o| !o.delete_marker)
-            .ok_or_else(|| format!("the object behind file {} no longer exists", file.file_id))?;
-        self.blobs.put(key, (object.blob.clone(), object.size));
-        Ok((object.blob, object.size))
+        Ok((blob, size))
     }
 
     /// The contents of a stream file (from the cache when it is there).
@@ -378,16 +403,15 @@ impl DataPlane {
         &self,
         state: &AppState,
         file: &crate::store::StreamFile,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, StreamError> {
         let (blob, size) = self.blob_of(state, file).await?;
         if let Some(b) = self.files.lock().ok().and_then(|c| c.get(&blob)) {
             return Ok(b);
         }
-        let data = state
-            .artifacts
-            .read_all(&blob, size)
-            .await
-            .map_err(|e| e.to_string())?;
+        let data = state.artifacts.read_all(&blob, size).await.map_err(|e| {
+            tracing::error!(error = %e, blob, "cannot read a stream file");
+            StreamError::new(RejectCode::InternalError, "Internal error")
+        })?;
         if size <= MAX_CACHED_FILE
             && let Ok(mut c) = self.files.lock()
         {

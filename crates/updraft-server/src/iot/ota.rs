@@ -658,6 +658,7 @@ async fn build(state: &AppState, ota: &OtaUpdate) -> ApiResult<()> {
             sf.version = None;
             sf.resolved_version = payload.version_id.clone();
             sf.size = payload.size;
+            sf.etag = None;
         }
         if let Some((sid, fid)) = &task.repoint {
             repoint_stream(state, sid, *fid, &payload).await?;

@@ -40,6 +40,10 @@ pub struct StreamFile {
     pub resolved_version: String,
     /// The object's size in bytes when the stream was written.
     pub size: u64,
+    /// The object's ETag when the stream was written, when known: in an unversioned bucket
+    /// an overwrite keeps the version id, and this tells the new content from the old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

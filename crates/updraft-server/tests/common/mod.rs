@@ -667,6 +667,7 @@ pub async fn create_stream(
                     version: None,
                     resolved_version: "null".into(),
                     size,
+                    etag: None,
                 })
                 .collect(),
             role_arn: "arn:aws:iam::123456789012:role/streams".into(),
