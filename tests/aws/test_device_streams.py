@@ -217,3 +217,16 @@ def test_presigned_http_download(server, thing, firmware):
     ex = server.aws("iot-jobs-data", "describe-job-execution", "--thing-name", thing, "--job-id", ota["job"])
     doc = json.loads(ex["execution"]["jobDocument"])
     assert doc["afr_ota"]["files"][0]["update_data_url"].startswith(server.endpoint)
+    # What a pre-signed URL names is read afresh after any S3 write to the server: an
+    # overwrite, then a delete, are seen by the very next download.
+    bucket = firmware[0]
+    path = server.data_dir.parent / f"{bucket}-v2.bin"
+    path.write_bytes(b"second image")
+    server.aws("s3", "cp", str(path), f"s3://{bucket}/image.bin")
+    status, content, _ = http_get(url)
+    assert status == 200 and content == b"second image"
+    server.aws("s3", "rm", f"s3://{bucket}/image.bin")
+    status, _, _ = http_get(url)
+    assert status == 404
+    path.write_bytes(data)
+    server.aws("s3", "cp", str(path), f"s3://{bucket}/image.bin")

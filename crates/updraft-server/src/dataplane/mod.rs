@@ -48,6 +48,9 @@ pub struct DataPlane {
     stream_meta: Recent<String, Arc<crate::store::Stream>>,
     /// (blob, size, ETag) of object versions.
     blobs: Recent<ObjectRef, (String, u64, String)>,
+    /// Object versions as recently read for pre-signed downloads, by (bucket, key,
+    /// version asked for); dropped whenever this server takes an S3 write.
+    objects: Recent<(String, String, Option<String>), Arc<crate::store::ObjectVersion>>,
     /// Jobs as recently read, for their documents: a fleet starting one job costs the
     /// database one read per [`METADATA_TTL`].
     jobs: Recent<String, Arc<Job>>,
@@ -94,6 +97,12 @@ impl<K: Hash + Eq, V: Clone> Recent<K, V> {
         }
     }
 
+    fn clear(&self) {
+        if let Ok(mut m) = self.entries.lock() {
+            m.clear();
+        }
+    }
+
     fn forget<Q>(&self, key: &Q)
     where
         K: std::borrow::Borrow<Q>,
@@ -127,7 +136,7 @@ struct FileCache {
 
 /// Largest total size of cached stream files, and of one cached file.
 const FILE_CACHE_BYTES: usize = 256 * 1024 * 1024;
-const MAX_CACHED_FILE: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_CACHED_FILE: u64 = 64 * 1024 * 1024;
 
 impl FileCache {
     fn get(&self, blob: &str) -> Option<Bytes> {
@@ -276,6 +285,36 @@ impl DataPlane {
         Ok(Some(j))
     }
 
+    /// An object version (the latest when `version` is `None`), from memory if it was read
+    /// less than [`METADATA_TTL`] ago.
+    pub async fn object(
+        &self,
+        state: &AppState,
+        bucket: &str,
+        key: &str,
+        version: Option<&str>,
+    ) -> crate::store::StoreResult<Option<Arc<crate::store::ObjectVersion>>> {
+        let k = (
+            bucket.to_owned(),
+            key.to_owned(),
+            version.map(str::to_owned),
+        );
+        if let Some(o) = self.objects.get(&k) {
+            return Ok(Some(o));
+        }
+        let Some(o) = state.store.get_object(bucket, key, version).await? else {
+            return Ok(None);
+        };
+        let o = Arc::new(o);
+        self.objects.put(k, o.clone());
+        Ok(Some(o))
+    }
+
+    /// Forgets every cached object version (an S3 write happened).
+    pub fn forget_objects(&self) {
+        self.objects.clear();
+    }
+
     /// Forgets what is cached about a job (it was created, updated or deleted here).
     pub fn invalidate_job(&self, job_id: &str) {
         self.jobs.forget(job_id);
@@ -405,17 +444,29 @@ impl DataPlane {
         file: &crate::store::StreamFile,
     ) -> Result<Bytes, StreamError> {
         let (blob, size) = self.blob_of(state, file).await?;
-        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(&blob)) {
-            return Ok(b);
-        }
-        let data = state.artifacts.read_all(&blob, size).await.map_err(|e| {
+        self.blob_bytes(state, &blob, size).await.map_err(|e| {
             tracing::error!(error = %e, blob, "cannot read a stream file");
             StreamError::new(RejectCode::InternalError, "Internal error")
-        })?;
+        })
+    }
+
+    /// A blob's contents, from memory when a device asked for it before. Blobs are
+    /// immutable, so a cached one is never stale; blobs over [`MAX_CACHED_FILE`] are read
+    /// but not kept.
+    pub async fn blob_bytes(
+        &self,
+        state: &AppState,
+        blob: &str,
+        size: u64,
+    ) -> Result<Bytes, crate::artifacts::ArtifactError> {
+        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(blob)) {
+            return Ok(b);
+        }
+        let data = state.artifacts.read_all(blob, size).await?;
         if size <= MAX_CACHED_FILE
             && let Ok(mut c) = self.files.lock()
         {
-            c.insert(blob, data.clone());
+            c.insert(blob.to_owned(), data.clone());
         }
         Ok(data)
     }
