@@ -1420,6 +1420,44 @@ async fn device_writes_batch_start_next_and_updates(s: Arc<dyn Store>) {
     );
 }
 
+async fn concurrent_last_executions_complete_the_job(s: Arc<dyn Store>) {
+    // Two transactions end the last two executions at once: one of them must complete the
+    // job (on PostgreSQL each could otherwise see the other's as still pending).
+    for round in 0..20 {
+        let id = format!("race{round}");
+        s.create_job(
+            &job(&id, TargetSelection::Snapshot, &[]),
+            &[execution(&id, "x"), execution(&id, "y")],
+        )
+        .await
+        .expect("create");
+        let mut tasks = Vec::new();
+        for thing in ["x", "y"] {
+            let s = s.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut e = s
+                    .get_execution(&id, thing, None)
+                    .await
+                    .expect("get")
+                    .expect("exists");
+                e.status = ExecutionStatus::Succeeded;
+                e.version += 1;
+                e.updated_ms = 9_000;
+                s.device_writes(&[DeviceWrite::Update(e)]).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(
+                t.await.expect("task").expect("write"),
+                [DeviceWriteOutcome::Updated(true)]
+            );
+        }
+        let j = s.get_job(&id).await.expect("get").expect("exists");
+        assert_eq!(j.status, JobStatus::Completed, "round {round}");
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod sqlite {
@@ -1452,6 +1490,7 @@ conformance!(
     jobs_executions_cancel_complete_delete,
     snapshot_jobs_complete_when_all_executions_end,
     device_writes_batch_start_next_and_updates,
+    concurrent_last_executions_complete_the_job,
     ota_update_records,
     objects_follow_bucket_versioning,
     object_listing_with_delimiters_and_pages,

@@ -129,7 +129,14 @@ impl SqlStore {
 
     /// Completes a SNAPSHOT job in progress whose executions are all terminal.
     async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
-        // One statement: the job row is locked by the UPDATE itself on both backends.
+        // The job row is locked first. On PostgreSQL (READ COMMITTED) two transactions that
+        // end the last two executions would otherwise each see the other's as still pending
+        // and neither complete the job; behind the lock, the second one's UPDATE takes a
+        // fresh snapshot that sees the first one's commit. (SQLite serializes writers.)
+        sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
+            .bind(job_id)
+            .fetch_optional(&mut **tx)
+            .await?;
         sqlx::query(
             "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
              WHERE job_id = $1 AND status = 'IN_PROGRESS' AND target_selection = 'SNAPSHOT' \
