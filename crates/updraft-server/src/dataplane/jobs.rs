@@ -135,7 +135,7 @@ pub fn check_step_timeout(t: Option<i64>) -> JobsResult<()> {
 async fn deliver(state: &AppState, execution: JobExecution) -> JobsResult<DeliveredExecution> {
     let job = state
         .data_plane
-        .job(state, &execution.job_id)
+        .job_of(state, &execution)
         .await?
         .ok_or_else(|| {
             JobsError::new(

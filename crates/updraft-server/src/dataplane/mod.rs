@@ -53,7 +53,8 @@ pub struct DataPlane {
     objects: Recent<(String, String, Option<String>), Arc<crate::store::ObjectVersion>>,
     /// Jobs as recently read, for their documents: a fleet starting one job costs the
     /// database one read per [`METADATA_TTL`].
-    jobs: Recent<String, Arc<Job>>,
+    /// Each with the time (ms) it was read.
+    jobs: Recent<String, (i64, Arc<Job>)>,
     /// Each device's executions as this server last wrote or read them, by (thing, job).
     /// Only a starting point for UpdateJobExecution's read-modify-write: the write checks
     /// the stored version, so a stale entry costs a retry from the store, never a wrong
@@ -113,6 +114,10 @@ impl<K: Hash + Eq, V: Clone> Recent<K, V> {
         }
     }
 }
+
+/// How far apart two replicas' clocks may be, for comparing a time read on one with a time
+/// written by another.
+const CLOCK_SKEW_MS: i64 = 1_000;
 
 /// Executions the cache holds before it starts over (it is only a starting point).
 const MAX_CACHED_EXECUTIONS: usize = 200_000;
@@ -268,20 +273,26 @@ impl DataPlane {
         }
     }
 
-    /// A job, from memory if it was read less than [`METADATA_TTL`] ago.
-    pub async fn job(
+    /// The job of `execution`, from memory if it was read less than [`METADATA_TTL`] ago
+    /// and after the execution was queued: a job deleted and created again under the same
+    /// id (on another replica, say) queues new executions, which never pair with a copy of
+    /// the old job read before them.
+    pub async fn job_of(
         &self,
         state: &AppState,
-        job_id: &str,
+        execution: &JobExecution,
     ) -> crate::store::StoreResult<Option<Arc<Job>>> {
-        if let Some(j) = self.jobs.get(job_id) {
+        if let Some((read_ms, j)) = self.jobs.get(&execution.job_id)
+            && read_ms > execution.queued_ms.saturating_add(CLOCK_SKEW_MS)
+        {
             return Ok(Some(j));
         }
-        let Some(j) = state.store.get_job(job_id).await? else {
+        let read_ms = crate::clock::now_ms();
+        let Some(j) = state.store.get_job(&execution.job_id).await? else {
             return Ok(None);
         };
         let j = Arc::new(j);
-        self.jobs.put(job_id.to_owned(), j.clone());
+        self.jobs.put(execution.job_id.clone(), (read_ms, j.clone()));
         Ok(Some(j))
     }
 

@@ -216,6 +216,7 @@ pub(crate) async fn create_job(state: &AppState, spec: JobSpec) -> ApiResult<Job
             }
             e => e.into(),
         })?;
+    state.data_plane.invalidate_job(&job.id);
     state.data_plane.things_changed(
         state,
         executions.into_iter().map(|e| e.thing_name).collect(),
