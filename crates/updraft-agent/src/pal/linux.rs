@@ -247,6 +247,9 @@ impl std::fmt::Debug for LinuxPal {
 }
 
 /// Takes the install directory's lock, or says who holds it.
+/// Attempts (100 ms apart) to take the install directory's lock before giving up.
+const LOCK_ATTEMPTS: u32 = 20;
+
 fn lock(dir: &Path) -> Result<File, LinuxPalError> {
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
@@ -256,7 +259,19 @@ fn lock(dir: &Path) -> Result<File, LinuxPalError> {
         .truncate(false)
         .open(&path)
         .map_err(io_err(&path, "opening the lock file"))?;
-    match file.try_lock() {
+    // A moment's grace: `updraft-agent status` takes the lock shared for an instant, and a
+    // daemon restarting right then must not give up (the unit does not retry exit 3).
+    let mut attempt = 0;
+    let locked = loop {
+        match file.try_lock() {
+            Err(fs::TryLockError::WouldBlock) if attempt < LOCK_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => break other,
+        }
+    };
+    match locked {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
@@ -766,6 +781,13 @@ impl Pal for LinuxPal {
                 r.verified = true;
                 self.save()
             }
+            ImageState::Accepted if self.state.image_state == SlotImageState::Rejected => {
+                // A verdict must never commit an image already refused (a late "pass").
+                Err(PalError::new(
+                    PalStatus::CommitFailed,
+                    "the image under test was rejected; it cannot be committed",
+                ))
+            }
             ImageState::Accepted if on_trial => {
                 let mut next = self.state.clone();
                 next.image_state = SlotImageState::Accepted;
@@ -962,6 +984,10 @@ mod tests {
             pal.get_platform_image_state().expect("state"),
             PalImageState::Invalid
         );
+        // A late "pass" cannot commit what was rejected.
+        pal.set_platform_image_state(ImageState::Accepted)
+            .expect_err("a rejected image is never committed");
+        assert_eq!(pal.state().image_state, SlotImageState::Rejected);
         let signal = pal.restart_signal();
         pal.reset_device().expect("reset");
         assert_eq!(

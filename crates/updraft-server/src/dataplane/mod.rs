@@ -292,7 +292,8 @@ impl DataPlane {
             return Ok(None);
         };
         let j = Arc::new(j);
-        self.jobs.put(execution.job_id.clone(), (read_ms, j.clone()));
+        self.jobs
+            .put(execution.job_id.clone(), (read_ms, j.clone()));
         Ok(Some(j))
     }
 

@@ -22,7 +22,7 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest path a unix socket address holds (`sun_path`, with its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 

@@ -15,6 +15,7 @@ mod selftest;
 
 use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, MqttOptions, Transport};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -280,7 +281,12 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
     opts.set_keep_alive(Duration::from_secs(cfg.broker.keep_alive_secs.max(5)));
     // One Streams answer is at most 128 KiB of blocks plus its encoding.
     opts.set_max_packet_size(192 * 1024, 64 * 1024);
-    let (client, eventloop) = AsyncClient::new(opts, 64);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    // Longer than the TLS bridge's own connect timeout: a CONNECT rumqttc gave up on must
+    // never reach the broker late and take over the session of the next attempt.
+    let mut network = eventloop.network_options();
+    network.set_connection_timeout(bridge::CONNECT_TIMEOUT.as_secs() * 2);
+    eventloop.set_network_options(network);
     let (tx, mut events) = mpsc::unbounded_channel();
     let (agent, handle) = init(
         agent_config,
@@ -292,16 +298,25 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
             let _ = tx.send(e);
         },
     )?;
-    let agent_task = tokio::spawn(agent.run());
+    let mut agent_task = tokio::spawn(agent.run());
     let mqtt_task = tokio::spawn(run_event_loop(eventloop, handle.clone(), |p| {
         debug!(topic = %p.topic, "message for nobody");
     }));
     // Activation and the self-test: ended (the self-test command killed) when the agent stops.
     let mut tasks = JoinSet::new();
     let self_test_deadline = started + cfg.self_test_timeout();
+    // Jobs whose self-test this process started: a reconnect while testing delivers the job
+    // again, and a second, concurrent run could reject a good image.
+    let mut tested: HashSet<String> = HashSet::new();
+    let mut signalled = false;
+    let mut agent_result = None;
     loop {
         tokio::select! {
             () = handle.stopped() => break,
+            r = &mut agent_task => {
+                agent_result = Some(r);
+                break;
+            }
             Some(event) = events.recv() => match event {
                 JobEvent::ReceivedJob { job_id } => info!(job = %job_id, "OTA job received"),
                 JobEvent::Activate { job_id } => {
@@ -314,6 +329,10 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
                     });
                 }
                 JobEvent::StartTest { job_id } => {
+                    if !tested.insert(job_id.clone()) {
+                        info!(job = %job_id, "the self-test of this job is already running or done");
+                        continue;
+                    }
                     let subject = selftest::Subject {
                         slot_dir: slot_dir.clone(),
                         image: image.clone(),
@@ -338,13 +357,31 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
                 }
                 JobEvent::NoActiveJob => debug!("no job"),
             },
-            _ = term.recv() => stop(&handle, "SIGTERM"),
-            _ = int.recv() => stop(&handle, "SIGINT"),
+            _ = term.recv() => {
+                signalled = true;
+                if !stop(&handle, "SIGTERM") {
+                    break;
+                }
+            }
+            _ = int.recv() => {
+                signalled = true;
+                if !stop(&handle, "SIGINT") {
+                    break;
+                }
+            }
         }
     }
     tasks.shutdown().await;
-    let _ = agent_task.await;
+    let agent_result = match agent_result {
+        Some(r) => r,
+        None => agent_task.await,
+    };
     mqtt_task.abort();
+    if let Err(e) = agent_result
+        && e.is_panic()
+    {
+        bail!("the agent panicked: {e}");
+    }
     let s = handle.statistics();
     info!(
         received = s.packets_received,
@@ -352,13 +389,24 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
         dropped = s.packets_dropped,
         "agent stopped"
     );
-    Ok(restart.requested())
+    let requested = restart.requested();
+    if requested.is_none() && !signalled {
+        // Neither asked to stop nor to restart (a failed reset or rollback, say): a
+        // failure, so that the service manager starts the daemon again.
+        bail!("the agent stopped on its own");
+    }
+    Ok(requested)
 }
 
-fn stop(handle: &AgentHandle, why: &str) {
+/// Asks the agent to stop; `false` when it cannot be asked (it is gone already).
+fn stop(handle: &AgentHandle, why: &str) -> bool {
     info!("{why}: stopping (download progress is checkpointed)");
-    if let Err(e) = handle.shutdown(false) {
-        warn!("{e}");
+    match handle.shutdown(false) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("{e}");
+            false
+        }
     }
 }
 
