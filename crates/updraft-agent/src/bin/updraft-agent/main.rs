@@ -190,6 +190,13 @@ fn start(path: &Path, stderr: bool, mode: RestartMode) -> Result<ExitCode> {
         logging::Console::Auto
     };
     logging::init(&cfg.log_level, cfg.log_file.as_deref(), console)?;
+    // Everything that can be wrong with the configuration is found before the install
+    // directory is opened: opening it counts a new image's one trial boot, which a missing
+    // certificate file must not use up.
+    cfg.load_signers()?;
+    if let BrokerTransport::Tls { ca, cert, key, .. } = cfg.transport()? {
+        bridge::client_config(&ca, &cert, &key)?;
+    }
     let pal = match LinuxPal::open(&cfg.install_dir, cfg.pal_options()?) {
         Ok(p) => p,
         Err(e @ LinuxPalError::Locked { .. }) => {
