@@ -40,11 +40,16 @@ pub async fn run(argv: &[String], subject: &Subject, timeout: Duration) -> Verdi
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, so that what it started goes with it.
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return Verdict::Fail(format!("cannot start {program}: {e}")),
     };
+    // Whatever happens next (a verdict, a timeout, the daemon stopping and dropping this
+    // future), nothing the self-test started outlives it.
+    let _group = GroupGuard(child.id());
     info!(pid = child.id(), "self-test started: {}", argv.join(" "));
     let out = child
         .stdout
@@ -70,6 +75,27 @@ pub async fn run(argv: &[String], subject: &Subject, timeout: Duration) -> Verdi
         t.abort();
     }
     verdict
+}
+
+/// Kills a process group when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let Some(pgid) = self.0 else {
+            return;
+        };
+        // kill(1) with a negative pid signals the group (no unsafe code for kill(2)).
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Err(e) = killed {
+            warn!("cannot kill the self-test's process group {pgid}: {e}");
+        }
+    }
 }
 
 async fn log_lines(stream: impl AsyncRead + Unpin, which: &'static str) {
@@ -118,6 +144,41 @@ mod tests {
         assert_eq!(
             run(&sh("exec sleep 30"), &s, Duration::from_millis(200)).await,
             Verdict::TimedOut
+        );
+    }
+
+    #[tokio::test]
+    async fn what_a_self_test_started_dies_with_it() {
+        let s = subject();
+        let pid_file =
+            std::env::temp_dir().join(format!("updraft-selftest-{}", std::process::id()));
+        let script = format!("sleep 30 & echo $! > {}; sleep 30", pid_file.display());
+        assert_eq!(
+            run(&sh(&script), &s, Duration::from_millis(500)).await,
+            Verdict::TimedOut
+        );
+        let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+        let _ = std::fs::remove_file(&pid_file);
+        let stat = format!("/proc/{}/stat", pid.trim());
+        // Gone, or a zombie waiting for whoever adopted it.
+        let alive = |stat: &str| {
+            std::fs::read_to_string(stat)
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().to_owned())
+                })
+                .is_some_and(|rest| !rest.starts_with('Z'))
+        };
+        for _ in 0..50 {
+            if !alive(&stat) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the self-test's background process {} is still running",
+            pid.trim()
         );
     }
 }
