@@ -7,6 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
+/// A failure that trying the transaction again can cure: a PostgreSQL deadlock victim or
+/// serialization failure.
+fn is_transient(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
 /// Whose executions a listing walks.
 #[derive(Clone, Copy)]
 enum ExecutionsOf<'a> {
@@ -125,6 +136,71 @@ impl SqlStore {
             ExecutionsOf::Job(_) => format!("{}/{}", e.thing_name, e.execution_number),
             ExecutionsOf::Thing(..) => format!("{}/{}", e.job_id, e.execution_number),
         }))
+    }
+
+    async fn cancel_job_once(&self, job_id: &str, how: &CancelJob) -> StoreResult<Job> {
+        let mut tx = self.begin().await?;
+        let Some(mut job) = self.job_in(&mut tx, job_id).await? else {
+            return Err(StoreError::NotFound(format!(
+                "Job {job_id} cannot be found."
+            )));
+        };
+        match job.status {
+            JobStatus::DeletionInProgress => {
+                return Err(StoreError::Invalid(format!(
+                    "Job {job_id} is being deleted."
+                )));
+            }
+            JobStatus::Completed => {
+                return Err(StoreError::Invalid(format!(
+                    "Job {job_id} has already completed and cannot be canceled."
+                )));
+            }
+            JobStatus::Canceled if !how.force || job.force_canceled => return Ok(job),
+            _ => {}
+        }
+        let statuses: &[&str] = if how.force {
+            &["QUEUED", "IN_PROGRESS"]
+        } else {
+            &["QUEUED"]
+        };
+        for status in statuses {
+            let forced = *status == "IN_PROGRESS";
+            sqlx::query(
+                "UPDATE job_executions SET status = 'CANCELED', force_canceled = $3, updated_ms = $4, \
+                 version = version + 1 WHERE job_id = $1 AND status = $2",
+            )
+            .bind(job_id)
+            .bind(*status)
+            .bind(flag(forced))
+            .bind(how.now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        job.status = JobStatus::Canceled;
+        job.force_canceled = how.force;
+        if how.reason_code.is_some() {
+            job.reason_code.clone_from(&how.reason_code);
+        }
+        if how.comment.is_some() {
+            job.comment.clone_from(&how.comment);
+        }
+        job.updated_ms = how.now_ms;
+        job.version += 1;
+        sqlx::query(
+            "UPDATE jobs SET status = 'CANCELED', force_canceled = $2, reason_code = $3, comment = $4, \
+             updated_ms = $5, version = $6 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(flag(job.force_canceled))
+        .bind(&job.reason_code)
+        .bind(&job.comment)
+        .bind(job.updated_ms)
+        .bind(job.version)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
     }
 
     /// Completes a SNAPSHOT job in progress whose executions are all terminal.
@@ -329,68 +405,16 @@ impl JobStore for SqlStore {
     }
 
     async fn cancel_job(&self, job_id: &str, how: &CancelJob) -> StoreResult<Job> {
-        let mut tx = self.begin().await?;
-        let Some(mut job) = self.job_in(&mut tx, job_id).await? else {
-            return Err(StoreError::NotFound(format!(
-                "Job {job_id} cannot be found."
-            )));
-        };
-        match job.status {
-            JobStatus::DeletionInProgress => {
-                return Err(StoreError::Invalid(format!(
-                    "Job {job_id} is being deleted."
-                )));
+        // PostgreSQL may pick a cancel as the victim of a deadlock with a batch of device
+        // writes (a StartNext locks executions of jobs the batch did not know it would
+        // touch); the operator's request is then simply tried again.
+        let mut attempt = 0;
+        loop {
+            match self.cancel_job_once(job_id, how).await {
+                Err(e) if attempt < 3 && is_transient(&e) => attempt += 1,
+                other => return other,
             }
-            JobStatus::Completed => {
-                return Err(StoreError::Invalid(format!(
-                    "Job {job_id} has already completed and cannot be canceled."
-                )));
-            }
-            JobStatus::Canceled if !how.force || job.force_canceled => return Ok(job),
-            _ => {}
         }
-        let statuses: &[&str] = if how.force {
-            &["QUEUED", "IN_PROGRESS"]
-        } else {
-            &["QUEUED"]
-        };
-        for status in statuses {
-            let forced = *status == "IN_PROGRESS";
-            sqlx::query(
-                "UPDATE job_executions SET status = 'CANCELED', force_canceled = $3, updated_ms = $4, \
-                 version = version + 1 WHERE job_id = $1 AND status = $2",
-            )
-            .bind(job_id)
-            .bind(*status)
-            .bind(flag(forced))
-            .bind(how.now_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-        job.status = JobStatus::Canceled;
-        job.force_canceled = how.force;
-        if how.reason_code.is_some() {
-            job.reason_code.clone_from(&how.reason_code);
-        }
-        if how.comment.is_some() {
-            job.comment.clone_from(&how.comment);
-        }
-        job.updated_ms = how.now_ms;
-        job.version += 1;
-        sqlx::query(
-            "UPDATE jobs SET status = 'CANCELED', force_canceled = $2, reason_code = $3, comment = $4, \
-             updated_ms = $5, version = $6 WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .bind(flag(job.force_canceled))
-        .bind(&job.reason_code)
-        .bind(&job.comment)
-        .bind(job.updated_ms)
-        .bind(job.version)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(job)
     }
 
     async fn delete_job(&self, job_id: &str, force: bool) -> StoreResult<()> {
@@ -463,6 +487,23 @@ impl JobStore for SqlStore {
 
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
         let mut tx = self.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            // Jobs before executions, in job id order, as CancelJob and DeleteJob lock them:
+            // a batch that may complete a job does not take that job's row last.
+            let jobs: BTreeSet<&str> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    DeviceWrite::Update(e) => Some(e.job_id.as_str()),
+                    DeviceWrite::StartNext { .. } => None,
+                })
+                .collect();
+            for job_id in jobs {
+                sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
+                    .bind(job_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            }
+        }
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut ended_jobs: BTreeMap<&str, i64> = BTreeMap::new();
         for w in writes {
