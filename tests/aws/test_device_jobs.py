@@ -233,6 +233,45 @@ def test_notifications_follow_the_queue(server, thing):
         dev.close()
 
 
+def test_control_plane_changes_win_over_what_the_device_last_saw(server, thing):
+    """A device's update is checked against the stored execution, not against what the
+    server last told the device: a cancel, or a job deleted and created again under the same
+    id, is seen by the very next update."""
+    dev = Device(server, thing)
+    try:
+        job = make_job(server, [thing], {"v": 1})
+        kind, body = dev.request("start-next")
+        assert kind == "accepted" and body["execution"]["versionNumber"] == 2
+        kind, body = dev.request(f"{job}/update", {"status": "IN_PROGRESS", "statusDetails": {"p": "1"}})
+        assert kind == "accepted"
+        server.aws("iot", "cancel-job", "--job-id", job, "--force")
+        kind, body = dev.request(f"{job}/update", {"status": "SUCCEEDED", "expectedVersion": 3})
+        assert (kind, body["code"]) == ("rejected", "VersionMismatch"), body
+        assert body["executionState"]["status"] == "CANCELED"
+        kind, body = dev.request(f"{job}/update", {"status": "SUCCEEDED"})
+        assert (kind, body["code"]) == ("rejected", "InvalidStateTransition"), body
+        assert body["executionState"]["status"] == "CANCELED"
+
+        # The same job id, deleted and created again: a new execution, version 1.
+        server.aws("iot", "delete-job", "--job-id", job, "--force")
+        wait_for(
+            lambda: server.aws_fail("iot", "describe-job", "--job-id", job)[0] == "ResourceNotFoundException",
+            what="job deleted",
+        )
+        make_job(server, [thing], {"v": 2}, job_id=job)
+        kind, body = dev.request("start-next")
+        assert kind == "accepted", body
+        assert body["execution"]["jobDocument"] == {"v": 2}
+        assert body["execution"]["versionNumber"] == 2
+        kind, body = dev.request(f"{job}/update", {"status": "SUCCEEDED"})
+        assert kind == "accepted", body
+        ex = server.aws("iot", "describe-job-execution", "--job-id", job, "--thing-name", thing)["execution"]
+        assert ex["status"] == "SUCCEEDED" and ex["versionNumber"] == 3
+        assert "p" not in ex.get("statusDetails", {}).get("detailsMap", {}), "nothing of the old execution"
+    finally:
+        dev.close()
+
+
 def test_topic_isolation_and_unknown_clients(server, thing):
     other = unique("dev")
     server.aws("iot", "create-thing", "--thing-name", other)

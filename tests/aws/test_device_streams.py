@@ -129,6 +129,38 @@ def test_stream_blocks_over_mqtt_cbor_and_json(server, thing, firmware):
     server.aws("iot", "delete-ota-update", "--ota-update-id", ota["id"], "--delete-stream", "--force-delete-aws-job")
 
 
+def test_an_overwritten_object_is_never_served_as_the_streams_file(server, thing):
+    """In an unversioned bucket an overwrite keeps the version id; the stream must not hand
+    devices the new bytes (a mix of two files) but answer ETagMismatch."""
+    bucket = unique("ow")
+    server.aws("s3", "mb", f"s3://{bucket}")
+    first, second = b"\x01" * 1000, b"\x02" * 1000
+    path = server.data_dir.parent / f"{bucket}.bin"
+    path.write_bytes(first)
+    server.aws("s3", "cp", str(path), f"s3://{bucket}/image.bin")
+    ota = ota_update(server, thing, bucket, ["MQTT"])
+    dev = Device(server, thing)
+    try:
+        _, body = dev.request("$next/get")
+        doc = body["execution"]["jobDocument"]["afr_ota"]
+        base = f"$aws/things/{thing}/streams/{doc['streamname']}"
+        fid = doc["files"][0]["fileid"]
+        dev.client.subscribe(f"{base}/#", qos=0)
+        time.sleep(0.2)
+        dev.publish(f"{base}/get/cbor", cbor2.dumps({"f": fid, "l": 256, "o": 0, "n": 1}))
+        assert cbor2.loads(json_or_raw(dev, f"{base}/data/cbor"))["p"] == first[:256]
+        # Same size, other content: only the ETag tells them apart.
+        path.write_bytes(second)
+        server.aws("s3", "cp", str(path), f"s3://{bucket}/image.bin")
+        time.sleep(1.2)  # past the server's metadata cache lifetime
+        dev.publish(f"{base}/get/cbor", cbor2.dumps({"f": fid, "l": 256, "o": 1, "n": 1}))
+        rej = cbor2.loads(json_or_raw(dev, f"{base}/rejected/cbor"))
+        assert rej["o"] == "ETagMismatch", rej
+    finally:
+        dev.close()
+    server.aws("iot", "delete-ota-update", "--ota-update-id", ota["id"], "--delete-stream", "--force-delete-aws-job")
+
+
 def json_or_raw(dev: Device, topic: str, timeout: float = 10.0) -> bytes:
     """The raw payload of the next message on `topic`."""
     deadline = time.monotonic() + timeout
@@ -185,3 +217,16 @@ def test_presigned_http_download(server, thing, firmware):
     ex = server.aws("iot-jobs-data", "describe-job-execution", "--thing-name", thing, "--job-id", ota["job"])
     doc = json.loads(ex["execution"]["jobDocument"])
     assert doc["afr_ota"]["files"][0]["update_data_url"].startswith(server.endpoint)
+    # What a pre-signed URL names is read afresh after any S3 write to the server: an
+    # overwrite, then a delete, are seen by the very next download.
+    bucket = firmware[0]
+    path = server.data_dir.parent / f"{bucket}-v2.bin"
+    path.write_bytes(b"second image")
+    server.aws("s3", "cp", str(path), f"s3://{bucket}/image.bin")
+    status, content, _ = http_get(url)
+    assert status == 200 and content == b"second image"
+    server.aws("s3", "rm", f"s3://{bucket}/image.bin")
+    status, _, _ = http_get(url)
+    assert status == 404
+    path.write_bytes(data)
+    server.aws("s3", "cp", str(path), f"s3://{bucket}/image.bin")

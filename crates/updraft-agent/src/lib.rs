@@ -4,8 +4,9 @@
 //! - [`state`]: the agent's states and events and its state machine as one table.
 //! - [`agent`] and [`handle`]: the agent ([`init`], [`Agent::run`]) and the application's
 //!   [`AgentHandle`] — the whole `OTA_*` interface.
-//! - [`pal`]: the platform abstraction ([`Pal`]), and [`pal::memory::MemoryPal`], a complete
-//!   in-memory device.
+//! - [`pal`]: the platform abstraction ([`Pal`]), [`pal::memory::MemoryPal`], a complete
+//!   in-memory device, and (on Unix) [`pal::linux::LinuxPal`], A/B slots in a directory —
+//!   the PAL of the `updraft-agent` daemon.
 //! - [`job`]: job messages and the `afr_ota` document.
 //! - [`verify`]: SHA-256 + ECDSA P-256 against the certificate named by `certfile`.
 //! - [`resume`]: checkpoints of the block bitmap, so a restart resumes the download.
@@ -23,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+mod durable;
 pub mod error;
 pub mod handle;
 pub mod http;

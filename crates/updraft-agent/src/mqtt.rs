@@ -180,6 +180,9 @@ pub async fn run_event_loop(
 ) {
     let mut connected_once = false;
     let mut suspended = false;
+    // Reconnection backoff: 1 s, doubling to a minute, back to 1 s once connected. It also
+    // paces the warnings, so a long outage does not fill a small log partition.
+    let mut backoff = RECONNECT_MIN;
     loop {
         let event = tokio::select! {
             () = handle.stopped() => return,
@@ -197,19 +200,24 @@ pub async fn run_event_loop(
                 }
                 connected_once = true;
                 suspended = false;
+                backoff = RECONNECT_MIN;
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!("MQTT connection: {e}");
+                tracing::warn!("MQTT connection: {e} (retrying in {} s)", backoff.as_secs());
                 if connected_once && !suspended {
                     let _ = handle.suspend();
                     suspended = true;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
             }
         }
     }
 }
+
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+const RECONNECT_MAX: Duration = Duration::from_secs(60);
 
 /// The topics the agent uses.
 pub(crate) mod topic {

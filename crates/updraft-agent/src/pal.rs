@@ -1,8 +1,8 @@
 //! The platform abstraction layer: what the agent needs from the device to store, check,
 //! activate and commit or roll back an image (`OtaPalInterface_t`, data-plane reference
-//! §4.6). The same agent runs on Linux (A/B slots, a later crate) and, with another PAL, on
-//! anything else; [`memory::MemoryPal`] is a complete in-memory device for tests and the
-//! fleet simulator.
+//! §4.6). The same agent runs on Linux ([`linux::LinuxPal`], A/B slots in a directory, the
+//! daemon's) and, with another PAL, on anything else; [`memory::MemoryPal`] is a complete
+//! in-memory device for tests and the fleet simulator.
 //!
 //! Differences from the C interface, each removing a way to fail:
 //! - Signature verification is the agent's, not each PAL's: after [`Pal::close_file`] the
@@ -237,4 +237,6 @@ impl<P: Pal + ?Sized> Pal for Box<P> {
     }
 }
 
+#[cfg(unix)]
+pub mod linux;
 pub mod memory;

@@ -13,7 +13,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -198,35 +197,17 @@ impl FileResumeStore {
         &self.path
     }
 
+    #[cfg(test)]
     fn tmp_path(&self) -> PathBuf {
-        let mut name = self.path.as_os_str().to_owned();
-        name.push(".tmp");
-        PathBuf::from(name)
+        crate::durable::tmp_path(&self.path)
     }
 
-    fn io(&self, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-        move |source| StoreError::Io {
+    fn failed(&self, f: crate::durable::Failed) -> StoreError {
+        StoreError::Io {
             path: self.path.clone(),
-            action,
-            source,
+            action: f.action,
+            source: f.source,
         }
-    }
-
-    fn sync_dir(&self) -> Result<(), StoreError> {
-        // Make the rename (or removal) itself durable. Directories can be opened and synced
-        // on Unix; elsewhere the rename is as durable as the platform makes it.
-        #[cfg(unix)]
-        if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(self.io("syncing the directory"))?;
-        }
-        Ok(())
     }
 }
 
@@ -235,7 +216,13 @@ impl ResumeStore for FileResumeStore {
         let bytes = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io("reading")(e)),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.path.clone(),
+                    action: "reading",
+                    source,
+                });
+            }
         };
         serde_json::from_slice(&bytes)
             .map(Some)
@@ -250,24 +237,11 @@ impl ResumeStore for FileResumeStore {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
-        let tmp = self.tmp_path();
-        {
-            let mut f = fs::File::create(&tmp).map_err(self.io("creating the temporary file"))?;
-            f.write_all(&json)
-                .map_err(self.io("writing the temporary file"))?;
-            f.sync_all()
-                .map_err(self.io("syncing the temporary file"))?;
-        }
-        fs::rename(&tmp, &self.path).map_err(self.io("renaming the temporary file"))?;
-        self.sync_dir()
+        crate::durable::replace(&self.path, &json).map_err(|f| self.failed(f))
     }
 
     fn clear(&mut self) -> Result<(), StoreError> {
-        match fs::remove_file(&self.path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.io("removing")(e)),
-        }
+        crate::durable::remove(&self.path).map_err(|f| self.failed(f))
     }
 }
 

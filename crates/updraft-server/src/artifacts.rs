@@ -15,6 +15,9 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+
+/// Reads up to this size are one read into memory rather than a stream of pieces.
+const SINGLE_READ_MAX: u64 = 4 * 1024 * 1024;
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
 
@@ -166,13 +169,19 @@ impl Artifacts {
                 object_store::Error::NotFound { .. } => ArtifactError::Missing(blob.to_owned()),
                 e => ArtifactError::Store(e),
             })?;
+        // A range of modest size is read in one go: the local store otherwise reads in 8 KiB
+        // pieces, each a hand-off to the blocking pool.
+        if result.range.end - result.range.start <= SINGLE_READ_MAX {
+            let bytes = result.bytes().await.map_err(ArtifactError::Store)?;
+            return Ok(futures::stream::once(async move { Ok(bytes) }).boxed());
+        }
         Ok(result
             .into_stream()
             .map(|r| r.map_err(ArtifactError::Store))
             .boxed())
     }
 
-    /// Reads a whole blob into memory (small documents only).
+    /// Reads a whole blob into memory (documents, and stream files for the cache).
     pub async fn read_all(&self, blob: &str, max: u64) -> Result<Bytes, ArtifactError> {
         let mut out = Vec::new();
         let mut stream = self.read(blob, None).await?;

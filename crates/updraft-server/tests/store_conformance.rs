@@ -445,6 +445,7 @@ async fn streams_versions_and_order(s: Arc<dyn Store>) {
                 version: None,
                 resolved_version: "null".into(),
                 size: 10,
+                etag: None,
             }],
             role_arn: "arn:aws:iam::123456789012:role/r".into(),
             created_ms: 1_000 + i,
@@ -1313,6 +1314,150 @@ async fn signing_jobs_idempotent_complete_and_list(s: Arc<dyn Store>) {
 
 // ------------------------------------------------------------------ harness
 
+async fn device_writes_batch_start_next_and_updates(s: Arc<dyn Store>) {
+    // Two jobs queued for d, one for e; queue times order d's list.
+    let mut first = execution("b1", "d");
+    first.queued_ms = 1_000;
+    let mut second = execution("b2", "d");
+    second.queued_ms = 2_000;
+    s.create_job(
+        &job("b1", TargetSelection::Snapshot, &[]),
+        &[first, execution("b1", "e")],
+    )
+    .await
+    .expect("create b1");
+    s.create_job(&job("b2", TargetSelection::Snapshot, &[]), &[second])
+        .await
+        .expect("create b2");
+
+    let start = |thing: &str| DeviceWrite::StartNext {
+        thing: thing.into(),
+        status_details: Some(BTreeMap::from([("step".to_owned(), "1".to_owned())])),
+        now_ms: 3_000,
+    };
+    // One batch: start d and e, start d again (the same execution, unchanged), start a
+    // thing with nothing pending.
+    let out = s
+        .device_writes(&[start("d"), start("e"), start("d"), start("nobody")])
+        .await
+        .expect("batch");
+    let started = |o: &DeviceWriteOutcome| match o {
+        DeviceWriteOutcome::Started(e) => e.clone(),
+        other => panic!("not a start: {other:?}"),
+    };
+    let d = started(&out[0]).expect("d started");
+    assert_eq!(
+        (d.job_id.as_str(), d.status, d.version),
+        ("b1", ExecutionStatus::InProgress, 2)
+    );
+    assert_eq!(d.started_ms, Some(3_000));
+    assert_eq!(d.status_details.get("step").map(String::as_str), Some("1"));
+    assert_eq!(started(&out[1]).expect("e started").job_id, "b1");
+    assert_eq!(
+        started(&out[2]),
+        Some(d.clone()),
+        "an IN_PROGRESS head is returned as is"
+    );
+    assert_eq!(started(&out[3]), None);
+    assert_eq!(
+        s.get_execution("b1", "d", None).await.expect("get"),
+        Some(d.clone()),
+        "the store holds what start-next answered"
+    );
+
+    // Updates in one batch: d succeeds; a stale write loses; e fails, which ends b1.
+    let mut done = d.clone();
+    done.status = ExecutionStatus::Succeeded;
+    done.version = 3;
+    done.updated_ms = 4_000;
+    let mut stale = d.clone();
+    stale.status = ExecutionStatus::Failed;
+    stale.version = 3;
+    let mut e = s
+        .get_execution("b1", "e", None)
+        .await
+        .expect("get")
+        .expect("exists");
+    e.status = ExecutionStatus::Failed;
+    e.version += 1;
+    e.updated_ms = 4_500;
+    // A write read from another incarnation of the execution (a re-created job: same
+    // version, other queue time) is refused too.
+    let mut other_life = e.clone();
+    other_life.queued_ms = 999;
+    let out = s
+        .device_writes(&[
+            DeviceWrite::Update(done.clone()),
+            DeviceWrite::Update(stale),
+            DeviceWrite::Update(other_life),
+            DeviceWrite::Update(e),
+            start("d"),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(
+        out[..4],
+        [
+            DeviceWriteOutcome::Updated(true),
+            DeviceWriteOutcome::Updated(false),
+            DeviceWriteOutcome::Updated(false),
+            DeviceWriteOutcome::Updated(true),
+        ]
+    );
+    assert_eq!(
+        started(&out[4]).map(|e| e.job_id),
+        Some("b2".to_owned()),
+        "later writes in a batch see earlier ones"
+    );
+    assert_eq!(
+        s.get_execution("b1", "d", None).await.expect("get"),
+        Some(done)
+    );
+    let b1 = s.get_job("b1").await.expect("get").expect("exists");
+    assert_eq!(
+        (b1.status, b1.completed_ms),
+        (JobStatus::Completed, Some(4_500))
+    );
+}
+
+async fn concurrent_last_executions_complete_the_job(s: Arc<dyn Store>) {
+    // Two transactions end the last two executions at once: one of them must complete the
+    // job (on PostgreSQL each could otherwise see the other's as still pending).
+    for round in 0..20 {
+        let id = format!("race{round}");
+        s.create_job(
+            &job(&id, TargetSelection::Snapshot, &[]),
+            &[execution(&id, "x"), execution(&id, "y")],
+        )
+        .await
+        .expect("create");
+        let mut tasks = Vec::new();
+        for thing in ["x", "y"] {
+            let s = s.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut e = s
+                    .get_execution(&id, thing, None)
+                    .await
+                    .expect("get")
+                    .expect("exists");
+                e.status = ExecutionStatus::Succeeded;
+                e.version += 1;
+                e.updated_ms = 9_000;
+                s.device_writes(&[DeviceWrite::Update(e)]).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(
+                t.await.expect("task").expect("write"),
+                [DeviceWriteOutcome::Updated(true)]
+            );
+        }
+        let j = s.get_job(&id).await.expect("get").expect("exists");
+        assert_eq!(j.status, JobStatus::Completed, "round {round}");
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod sqlite {
@@ -1344,6 +1489,8 @@ conformance!(
     streams_versions_and_order,
     jobs_executions_cancel_complete_delete,
     snapshot_jobs_complete_when_all_executions_end,
+    device_writes_batch_start_next_and_updates,
+    concurrent_last_executions_complete_the_job,
     ota_update_records,
     objects_follow_bucket_versioning,
     object_listing_with_delimiters_and_pages,

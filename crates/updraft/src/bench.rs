@@ -4,6 +4,8 @@
 //! Each benchmark starts a server in-process on a temporary data directory (SQLite, the
 //! embedded broker, free loopback ports) and drives it with N real MQTT clients.
 
+mod http;
+
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
@@ -22,6 +24,8 @@ pub enum Bench {
     Jobs(JobsArgs),
     /// MB/s of stream downloads over MQTT (GetStream, CBOR) by N devices.
     Stream(StreamArgs),
+    /// MB/s of pre-signed Range downloads from the S3 endpoint, beside nginx serving the same file.
+    Http(http::HttpArgs),
 }
 
 #[derive(Args)]
@@ -54,6 +58,7 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Jobs(a) => jobs(a).await,
         Bench::Stream(a) => stream(a).await,
+        Bench::Http(a) => http::run(a).await,
     }
 }
 
@@ -338,9 +343,16 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Uploads `data` as the only file of stream `bench-stream` and returns its file id.
-async fn create_stream(state: &AppState, data: Vec<u8>) -> anyhow::Result<()> {
-    use updraft_server::store::{Bucket, ObjectVersion, Stream, StreamFile, Versioning};
+/// `size` bytes of a fixed pseudo-random pattern (the file every benchmark downloads).
+fn file_contents(size: usize) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// Stores `data` as object `bench/fw.bin` (bucket created here); returns its size.
+async fn create_object(state: &AppState, data: Vec<u8>) -> anyhow::Result<u64> {
+    use updraft_server::store::{Bucket, ObjectVersion, Versioning};
     let now = now_ms();
     state
         .store
@@ -370,6 +382,14 @@ async fn create_stream(state: &AppState, data: Vec<u8>) -> anyhow::Result<()> {
             is_latest: true,
         })
         .await?;
+    Ok(size)
+}
+
+/// Uploads `data` as the only file of stream `bench-stream`.
+async fn create_stream(state: &AppState, data: Vec<u8>) -> anyhow::Result<()> {
+    use updraft_server::store::{Stream, StreamFile};
+    let now = now_ms();
+    let size = create_object(state, data).await?;
     state
         .store
         .create_stream(&Stream {
@@ -383,6 +403,7 @@ async fn create_stream(state: &AppState, data: Vec<u8>) -> anyhow::Result<()> {
                 version: None,
                 resolved_version: "null".into(),
                 size,
+                etag: None,
             }],
             role_arn: "arn:aws:iam::123456789012:role/bench".into(),
             created_ms: now,
@@ -401,9 +422,7 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     let port = server.mqtt_addr.context("no MQTT listener")?.port();
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));
-    let data: Vec<u8> = (0..a.size)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data = file_contents(a.size);
     create_stream(&state, data.clone()).await?;
     let things = create_fleet(&state, a.devices, 0).await?;
     let blocks = a.size.div_ceil(a.block_size);

@@ -134,8 +134,8 @@ pub fn check_step_timeout(t: Option<i64>) -> JobsResult<()> {
 
 async fn deliver(state: &AppState, execution: JobExecution) -> JobsResult<DeliveredExecution> {
     let job = state
-        .store
-        .get_job(&execution.job_id)
+        .data_plane
+        .job_of(state, &execution)
         .await?
         .ok_or_else(|| {
             JobsError::new(
@@ -173,8 +173,8 @@ pub async fn start_next(
     }
     check_step_timeout(step_timeout_in_minutes)?;
     let started = state
-        .store
-        .start_next_execution(thing, status_details.as_ref(), now_ms())
+        .data_plane
+        .start_next(state, thing, status_details, now_ms())
         .await?;
     // StartNext takes the head of the pending list and keeps it there (IN_PROGRESS sorts
     // first): the list does not gain or lose a member and its head does not change, so
@@ -240,51 +240,33 @@ pub async fn update(
     }
     check_step_timeout(req.step_timeout_in_minutes)?;
     // Read-modify-write with the store's version check; a concurrent server-side change
-    // (a cancel, say) makes us re-read, unless the device pinned a version itself.
+    // (a cancel, say) makes us re-read, unless the device pinned a version itself. The
+    // first read may come from the data plane's memory: the write's version check guards
+    // it, and an error found against it is checked again against the store.
+    let mut cached = state
+        .data_plane
+        .cached_execution(thing, job_id, req.execution_number);
     for _ in 0..5 {
-        let Some(mut e) = state
-            .store
-            .get_execution(job_id, thing, req.execution_number)
-            .await?
-        else {
-            return Err(JobsError::new(
-                JobsErrorCode::ResourceNotFound,
-                format!("Job execution of job {job_id} on thing {thing} not found"),
-            ));
+        let from_cache = cached.is_some();
+        let current = match cached.take() {
+            Some(e) => e,
+            None => state
+                .store
+                .get_execution(job_id, thing, req.execution_number)
+                .await?
+                .ok_or_else(|| {
+                    JobsError::new(
+                        JobsErrorCode::ResourceNotFound,
+                        format!("Job execution of job {job_id} on thing {thing} not found"),
+                    )
+                })?,
         };
-        if let Some(v) = req.expected_version
-            && v != e.version
-        {
-            return Err(JobsError::new(
-                JobsErrorCode::VersionMismatch,
-                format!(
-                    "The expected version {v} does not match the current version {}",
-                    e.version
-                ),
-            )
-            .with_state(&e));
-        }
-        let from = e.status;
-        e.status = from.transition(to, Actor::Device).map_err(|err| {
-            let message = match err {
-                TransitionError::Terminal(s) => {
-                    format!("The execution is in the terminal state {s} and cannot be updated")
-                }
-                TransitionError::NotAllowed { from, to } => {
-                    format!("Cannot update from {from} to {to}")
-                }
-            };
-            JobsError::new(JobsErrorCode::InvalidStateTransition, message).with_state(&e)
-        })?;
-        let now = now_ms();
-        if e.status == ExecutionStatus::InProgress && e.started_ms.is_none() {
-            e.started_ms = Some(now);
-        }
-        if let Some(d) = &req.status_details {
-            e.status_details = d.clone();
-        }
-        e.updated_ms = now;
-        e.version += 1;
+        let from = current.status;
+        let e = match updated(current, &req, to) {
+            Ok(e) => e,
+            Err(_) if from_cache => continue,
+            Err(err) => return Err(err),
+        };
         match state.data_plane.write_execution(state, &e).await {
             Ok(true) => {
                 // `notify` is due when the execution leaves the pending list; `notify-next`
@@ -302,7 +284,7 @@ pub async fn update(
                     document,
                 });
             }
-            Ok(false) if req.expected_version.is_none() => continue,
+            Ok(false) if req.expected_version.is_none() || from_cache => continue,
             Ok(false) => {
                 return Err(JobsError::new(
                     JobsErrorCode::VersionMismatch,
@@ -316,6 +298,47 @@ pub async fn update(
         JobsErrorCode::RequestThrottled,
         "The execution is changing too fast; retry",
     ))
+}
+
+/// The execution after the device's update `req` to status `to`, or why it is refused.
+fn updated(
+    mut e: JobExecution,
+    req: &UpdateRequest,
+    to: ExecutionStatus,
+) -> JobsResult<JobExecution> {
+    if let Some(v) = req.expected_version
+        && v != e.version
+    {
+        return Err(JobsError::new(
+            JobsErrorCode::VersionMismatch,
+            format!(
+                "The expected version {v} does not match the current version {}",
+                e.version
+            ),
+        )
+        .with_state(&e));
+    }
+    e.status = e.status.transition(to, Actor::Device).map_err(|err| {
+        let message = match err {
+            TransitionError::Terminal(s) => {
+                format!("The execution is in the terminal state {s} and cannot be updated")
+            }
+            TransitionError::NotAllowed { from, to } => {
+                format!("Cannot update from {from} to {to}")
+            }
+        };
+        JobsError::new(JobsErrorCode::InvalidStateTransition, message).with_state(&e)
+    })?;
+    let now = now_ms();
+    if e.status == ExecutionStatus::InProgress && e.started_ms.is_none() {
+        e.started_ms = Some(now);
+    }
+    if let Some(d) = &req.status_details {
+        e.status_details = d.clone();
+    }
+    e.updated_ms = now;
+    e.version += 1;
+    Ok(e)
 }
 
 #[cfg(test)]

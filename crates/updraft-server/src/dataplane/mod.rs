@@ -14,7 +14,7 @@ mod writer;
 
 use bytes::Bytes;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::mqtt::{Inbound, MessageBus};
 use crate::server::AppState;
-use crate::store::{Job, JobExecution};
+use crate::store::{DeviceWrite, DeviceWriteOutcome, Job, JobExecution};
+use updraft_protocol::streams::{RejectCode, StreamError};
 
 /// Placeholders CreateJob documents may carry; replaced with pre-signed URLs on delivery.
 const PRESIGN_PREFIX: &str = "${aws:iot:s3-presigned-url:";
@@ -40,13 +41,86 @@ pub struct DataPlane {
     heads: Mutex<HashMap<String, Option<(String, i64)>>>,
     /// Stream file contents, so a fleet downloading one file reads it once.
     files: Mutex<FileCache>,
-    /// Group commit of device execution updates (started with the workers).
-    writer: OnceLock<writer::ExecutionWriter>,
+    /// Group commit of devices' writes (started with the workers).
+    writer: OnceLock<writer::DeviceWriter>,
     /// Streams as recently read, and which blob holds each of their files: a fleet asking
     /// for blocks of one stream costs the database one read per [`METADATA_TTL`].
-    stream_meta: Mutex<HashMap<String, (Instant, Arc<crate::store::Stream>)>>,
-    blobs: Mutex<HashMap<ObjectRef, (Instant, String, u64)>>,
+    stream_meta: Recent<String, Arc<crate::store::Stream>>,
+    /// (blob, size, ETag) of object versions.
+    blobs: Recent<ObjectRef, (String, u64, String)>,
+    /// Object versions as recently read for pre-signed downloads, by (bucket, key,
+    /// version asked for); dropped whenever this server takes an S3 write.
+    objects: Recent<(String, String, Option<String>), Arc<crate::store::ObjectVersion>>,
+    /// Jobs as recently read, for their documents: a fleet starting one job costs the
+    /// database one read per [`METADATA_TTL`].
+    /// Each with the time (ms) it was read.
+    jobs: Recent<String, (i64, Arc<Job>)>,
+    /// Each device's executions as this server last wrote or read them, by (thing, job).
+    /// Only a starting point for UpdateJobExecution's read-modify-write: the write checks
+    /// the stored version, so a stale entry costs a retry from the store, never a wrong
+    /// answer (and an error found against it is checked again against the store).
+    executions: Mutex<HashMap<(String, String), JobExecution>>,
 }
+
+/// Values read from the store, served from memory while younger than [`METADATA_TTL`].
+struct Recent<K, V> {
+    entries: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K, V> Default for Recent<K, V> {
+    fn default() -> Self {
+        Recent {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Entries a [`Recent`] holds before expired ones are swept out.
+const RECENT_SWEEP_AT: usize = 10_000;
+
+impl<K: Hash + Eq, V: Clone> Recent<K, V> {
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let m = self.entries.lock().ok()?;
+        let (at, v) = m.get(key)?;
+        (at.elapsed() < METADATA_TTL).then(|| v.clone())
+    }
+
+    fn put(&self, key: K, value: V) {
+        if let Ok(mut m) = self.entries.lock() {
+            if m.len() >= RECENT_SWEEP_AT {
+                m.retain(|_, (at, _)| at.elapsed() < METADATA_TTL);
+            }
+            m.insert(key, (Instant::now(), value));
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut m) = self.entries.lock() {
+            m.clear();
+        }
+    }
+
+    fn forget<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Ok(mut m) = self.entries.lock() {
+            m.remove(key);
+        }
+    }
+}
+
+/// How far apart two replicas' clocks may be, for comparing a time read on one with a time
+/// written by another.
+const CLOCK_SKEW_MS: i64 = 1_000;
+
+/// Executions the cache holds before it starts over (it is only a starting point).
+const MAX_CACHED_EXECUTIONS: usize = 200_000;
 
 /// (bucket, key, version id) of an object version.
 type ObjectRef = (String, String, String);
@@ -67,7 +141,7 @@ struct FileCache {
 
 /// Largest total size of cached stream files, and of one cached file.
 const FILE_CACHE_BYTES: usize = 256 * 1024 * 1024;
-const MAX_CACHED_FILE: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_CACHED_FILE: u64 = 64 * 1024 * 1024;
 
 impl FileCache {
     fn get(&self, blob: &str) -> Option<Bytes> {
@@ -105,21 +179,157 @@ impl DataPlane {
         self.bus.get()
     }
 
-    /// Writes a device's execution update (group-committed with concurrent ones):
-    /// `Ok(false)` when the stored version moved on.
+    /// Applies a device's write, group-committed with concurrent ones.
+    async fn device_write(
+        &self,
+        state: &AppState,
+        w: DeviceWrite,
+    ) -> crate::store::StoreResult<DeviceWriteOutcome> {
+        match self.writer.get() {
+            Some(writer) => writer.write(w).await,
+            None => state
+                .store
+                .device_writes(std::slice::from_ref(&w))
+                .await?
+                .pop()
+                .ok_or_else(|| crate::store::StoreError::Invalid("no outcome".into())),
+        }
+    }
+
+    /// Writes a device's execution update: `Ok(false)` when the stored version moved on.
     pub async fn write_execution(
         &self,
         state: &AppState,
         e: &JobExecution,
     ) -> crate::store::StoreResult<bool> {
-        match self.writer.get() {
-            Some(w) => w.write(e.clone()).await,
-            None => match state.store.update_execution(e).await {
-                Ok(()) => Ok(true),
-                Err(crate::store::StoreError::VersionConflict(_)) => Ok(false),
-                Err(other) => Err(other),
-            },
+        let written = matches!(
+            self.device_write(state, DeviceWrite::Update(e.clone()))
+                .await?,
+            DeviceWriteOutcome::Updated(true)
+        );
+        if written {
+            self.remember_execution(e);
+        } else {
+            self.forget_execution(&e.thing_name, &e.job_id);
         }
+        Ok(written)
+    }
+
+    /// StartNextPendingJobExecution for `thing`, group-committed.
+    pub async fn start_next(
+        &self,
+        state: &AppState,
+        thing: &str,
+        status_details: Option<BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> crate::store::StoreResult<Option<JobExecution>> {
+        let w = DeviceWrite::StartNext {
+            thing: thing.to_owned(),
+            status_details,
+            now_ms,
+        };
+        match self.device_write(state, w).await? {
+            DeviceWriteOutcome::Started(Some(e)) => {
+                self.remember_execution(&e);
+                Ok(Some(e))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The execution of `job_id` on `thing` as this server last saw it (see `executions`).
+    pub fn cached_execution(
+        &self,
+        thing: &str,
+        job_id: &str,
+        execution_number: Option<i64>,
+    ) -> Option<JobExecution> {
+        let m = self.executions.lock().ok()?;
+        let e = m.get(&(thing.to_owned(), job_id.to_owned()))?;
+        execution_number
+            .is_none_or(|n| n == e.execution_number)
+            .then(|| e.clone())
+    }
+
+    fn remember_execution(&self, e: &JobExecution) {
+        let Ok(mut m) = self.executions.lock() else {
+            return;
+        };
+        let key = (e.thing_name.clone(), e.job_id.clone());
+        if e.status.is_terminal() {
+            // Nothing more will be written to it by its device.
+            m.remove(&key);
+            return;
+        }
+        if m.len() >= MAX_CACHED_EXECUTIONS {
+            m.clear();
+        }
+        m.insert(key, e.clone());
+    }
+
+    pub fn forget_execution(&self, thing: &str, job_id: &str) {
+        if let Ok(mut m) = self.executions.lock() {
+            m.remove(&(thing.to_owned(), job_id.to_owned()));
+        }
+    }
+
+    /// The job of `execution`, from memory if it was read less than [`METADATA_TTL`] ago
+    /// and after the execution was queued: a job deleted and created again under the same
+    /// id (on another replica, say) queues new executions, which never pair with a copy of
+    /// the old job read before them.
+    pub async fn job_of(
+        &self,
+        state: &AppState,
+        execution: &JobExecution,
+    ) -> crate::store::StoreResult<Option<Arc<Job>>> {
+        if let Some((read_ms, j)) = self.jobs.get(&execution.job_id)
+            && read_ms > execution.queued_ms.saturating_add(CLOCK_SKEW_MS)
+        {
+            return Ok(Some(j));
+        }
+        let read_ms = crate::clock::now_ms();
+        let Some(j) = state.store.get_job(&execution.job_id).await? else {
+            return Ok(None);
+        };
+        let j = Arc::new(j);
+        self.jobs
+            .put(execution.job_id.clone(), (read_ms, j.clone()));
+        Ok(Some(j))
+    }
+
+    /// An object version (the latest when `version` is `None`), from memory if it was read
+    /// less than [`METADATA_TTL`] ago.
+    pub async fn object(
+        &self,
+        state: &AppState,
+        bucket: &str,
+        key: &str,
+        version: Option<&str>,
+    ) -> crate::store::StoreResult<Option<Arc<crate::store::ObjectVersion>>> {
+        let k = (
+            bucket.to_owned(),
+            key.to_owned(),
+            version.map(str::to_owned),
+        );
+        if let Some(o) = self.objects.get(&k) {
+            return Ok(Some(o));
+        }
+        let Some(o) = state.store.get_object(bucket, key, version).await? else {
+            return Ok(None);
+        };
+        let o = Arc::new(o);
+        self.objects.put(k, o.clone());
+        Ok(Some(o))
+    }
+
+    /// Forgets every cached object version (an S3 write happened).
+    pub fn forget_objects(&self) {
+        self.objects.clear();
+    }
+
+    /// Forgets what is cached about a job (it was created, updated or deleted here).
+    pub fn invalidate_job(&self, job_id: &str) {
+        self.jobs.forget(job_id);
     }
 
     /// The job document as a device receives it: pre-signed URL placeholders replaced when
@@ -168,74 +378,75 @@ impl DataPlane {
         out
     }
 
-    /// The contents of a stream file (from the cache when it is there).
     /// A stream, from memory if it was read less than [`METADATA_TTL`] ago.
     pub async fn stream(
         &self,
         state: &AppState,
         stream_id: &str,
     ) -> crate::store::StoreResult<Option<Arc<crate::store::Stream>>> {
-        let now = Instant::now();
-        if let Some((at, s)) = self
-            .stream_meta
-            .lock()
-            .ok()
-            .and_then(|m| m.get(stream_id).cloned())
-            && now.duration_since(at) < METADATA_TTL
-        {
+        if let Some(s) = self.stream_meta.get(stream_id) {
             return Ok(Some(s));
         }
         let Some(s) = state.store.get_stream(stream_id).await? else {
             return Ok(None);
         };
         let s = Arc::new(s);
-        if let Ok(mut m) = self.stream_meta.lock() {
-            if m.len() > 10_000 {
-                m.retain(|_, (at, _)| now.duration_since(*at) < METADATA_TTL);
-            }
-            m.insert(stream_id.to_owned(), (now, s.clone()));
-        }
+        self.stream_meta.put(stream_id.to_owned(), s.clone());
         Ok(Some(s))
     }
 
     /// Forgets what is cached about a stream (it was updated or deleted).
     pub fn invalidate_stream(&self, stream_id: &str) {
-        if let Ok(mut m) = self.stream_meta.lock() {
-            m.remove(stream_id);
-        }
+        self.stream_meta.forget(stream_id);
     }
 
-    /// The blob and size of a stream file's object version.
+    /// The blob and size of a stream file's object version, if it still holds what the
+    /// stream was made from.
     async fn blob_of(
         &self,
         state: &AppState,
         file: &crate::store::StreamFile,
-    ) -> Result<(String, u64), String> {
+    ) -> Result<(String, u64), StreamError> {
         let key = (
             file.bucket.clone(),
             file.key.clone(),
             file.resolved_version.clone(),
         );
-        let now = Instant::now();
-        if let Some((at, blob, size)) = self.blobs.lock().ok().and_then(|m| m.get(&key).cloned())
-            && now.duration_since(at) < METADATA_TTL
-        {
-            return Ok((blob, size));
-        }
-        let object = state
-            .store
-            .get_object(&file.bucket, &file.key, Some(&file.resolved_version))
-            .await
-            .map_err(|e| e.to_string())?
-            .filter(|o| !o.delete_marker)
-            .ok_or_else(|| format!("the object behind file {} no longer exists", file.file_id))?;
-        if let Ok(mut m) = self.blobs.lock() {
-            if m.len() > 10_000 {
-                m.retain(|_, (at, _, _)| now.duration_since(*at) < METADATA_TTL);
+        let (blob, size, etag) = match self.blobs.get(&key) {
+            Some(found) => found,
+            None => {
+                let object = state
+                    .store
+                    .get_object(&file.bucket, &file.key, Some(&file.resolved_version))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "store failure serving a stream file");
+                        StreamError::new(RejectCode::InternalError, "Internal error")
+                    })?
+                    .filter(|o| !o.delete_marker)
+                    .ok_or_else(|| {
+                        StreamError::new(
+                            RejectCode::ResourceNotFound,
+                            format!("the object behind file {} no longer exists", file.file_id),
+                        )
+                    })?;
+                let found = (object.blob, object.size, object.etag);
+                self.blobs.put(key, found.clone());
+                found
             }
-            m.insert(key, (now, object.blob.clone(), object.size));
+        };
+        // An overwrite in an unversioned bucket keeps the version id: serving the new bytes
+        // under the old size would hand devices a mix of two files.
+        if size != file.size || file.etag.as_ref().is_some_and(|e| *e != etag) {
+            return Err(StreamError::new(
+                RejectCode::ETagMismatch,
+                format!(
+                    "the object behind file {} changed after the stream was written",
+                    file.file_id
+                ),
+            ));
         }
-        Ok((object.blob, object.size))
+        Ok((blob, size))
     }
 
     /// The contents of a stream file (from the cache when it is there).
@@ -243,20 +454,31 @@ impl DataPlane {
         &self,
         state: &AppState,
         file: &crate::store::StreamFile,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, StreamError> {
         let (blob, size) = self.blob_of(state, file).await?;
-        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(&blob)) {
+        self.blob_bytes(state, &blob, size).await.map_err(|e| {
+            tracing::error!(error = %e, blob, "cannot read a stream file");
+            StreamError::new(RejectCode::InternalError, "Internal error")
+        })
+    }
+
+    /// A blob's contents, from memory when a device asked for it before. Blobs are
+    /// immutable, so a cached one is never stale; blobs over [`MAX_CACHED_FILE`] are read
+    /// but not kept.
+    pub async fn blob_bytes(
+        &self,
+        state: &AppState,
+        blob: &str,
+        size: u64,
+    ) -> Result<Bytes, crate::artifacts::ArtifactError> {
+        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(blob)) {
             return Ok(b);
         }
-        let data = state
-            .artifacts
-            .read_all(&blob, size)
-            .await
-            .map_err(|e| e.to_string())?;
+        let data = state.artifacts.read_all(blob, size).await?;
         if size <= MAX_CACHED_FILE
             && let Ok(mut c) = self.files.lock()
         {
-            c.insert(blob, data.clone());
+            c.insert(blob.to_owned(), data.clone());
         }
         Ok(data)
     }
@@ -299,7 +521,7 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
     let _ = state
         .data_plane
         .writer
-        .set(writer::ExecutionWriter::spawn(state.store.clone()));
+        .set(writer::DeviceWriter::spawn(state.store.clone()));
     let mut senders = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<Inbound>(1024);

@@ -61,7 +61,7 @@ pub(super) async fn announce(
     }
     let body = match pending.first() {
         Some(e) => {
-            let document = match state.store.get_job(&e.job_id).await {
+            let document = match state.data_plane.job_of(state, e).await {
                 Ok(Some(job)) => state.data_plane.substitute_presigned_urls(&job).await,
                 _ => return,
             };

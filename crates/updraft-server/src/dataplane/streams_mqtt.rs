@@ -128,7 +128,7 @@ async fn get(
         .data_plane
         .file_bytes(state, file)
         .await
-        .map_err(|e| fail(StreamError::new(RejectCode::ResourceNotFound, e)))?;
+        .map_err(fail)?;
     let data_topic = topic(thing, stream_id, "data", format);
     for block in blocks {
         let Some(range) = block_range(file.size, req.block_size, block) else {

@@ -1,42 +1,48 @@
-//! Group commit for device execution updates.
+//! Group commit for devices' writes: execution updates and StartNext.
 //!
-//! Every device update is a small write transaction; on SQLite the commits, not the
-//! statements, are what is serialized. The writer collects the updates that arrive while
-//! the previous batch is being written and commits them together, so the cost of a commit
-//! is shared by every device waiting on it. Each caller still waits for its own write to
-//! be committed before it answers the device.
+//! Every device write is a small transaction; on SQLite the commits, not the statements,
+//! are what is serialized, and concurrent writers would wait on the database lock. One
+//! writer task takes the writes that arrive while the previous batch is being committed and
+//! commits them together, so a commit's cost is shared by every device waiting on it and
+//! device writes never contend for the lock among themselves. Each caller still waits for
+//! its own write to be committed before it answers the device.
 
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{JobExecution, Store, StoreError, StoreResult};
+use crate::store::{DeviceWrite, DeviceWriteOutcome, Store, StoreError, StoreResult};
 
-/// The most updates committed together.
+/// The most writes committed together.
 const MAX_BATCH: usize = 256;
 
-type Request = (JobExecution, oneshot::Sender<StoreResult<bool>>);
+type Request = (
+    DeviceWrite,
+    oneshot::Sender<StoreResult<DeviceWriteOutcome>>,
+);
 
 #[derive(Clone)]
-pub struct ExecutionWriter {
+pub struct DeviceWriter {
     tx: mpsc::Sender<Request>,
 }
 
-impl ExecutionWriter {
+fn shutting_down() -> StoreError {
+    StoreError::Invalid("the server is shutting down".into())
+}
+
+impl DeviceWriter {
     pub fn spawn(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(store, rx));
-        ExecutionWriter { tx }
+        DeviceWriter { tx }
     }
 
-    /// Writes `e` if its stored version is `e.version - 1`: `Ok(false)` on a conflict.
-    pub async fn write(&self, e: JobExecution) -> StoreResult<bool> {
+    /// Applies `w` in the next batch and returns its outcome.
+    pub async fn write(&self, w: DeviceWrite) -> StoreResult<DeviceWriteOutcome> {
         let (done_tx, done_rx) = oneshot::channel();
-        if self.tx.send((e, done_tx)).await.is_err() {
-            return Err(StoreError::Invalid("the server is shutting down".into()));
+        if self.tx.send((w, done_tx)).await.is_err() {
+            return Err(shutting_down());
         }
-        done_rx
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Invalid("the server is shutting down".into())))
+        done_rx.await.unwrap_or_else(|_| Err(shutting_down()))
     }
 }
 
@@ -50,22 +56,24 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        let executions: Vec<JobExecution> = batch.iter().map(|(e, _)| e.clone()).collect();
-        match store.update_executions(&executions).await {
-            Ok(written) => {
-                for ((_, done), ok) in batch.drain(..).zip(written) {
-                    let _ = done.send(Ok(ok));
+        let writes: Vec<DeviceWrite> = batch.iter().map(|(w, _)| w.clone()).collect();
+        match store.device_writes(&writes).await {
+            Ok(outcomes) => {
+                for ((_, done), outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = done.send(Ok(outcome));
                 }
             }
             Err(e) => {
-                // Write them one by one, so each caller gets its own outcome.
+                // Apply them one by one, so each caller gets its own outcome.
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; writing singly");
-                for (ex, done) in batch.drain(..) {
-                    let r = match store.update_execution(&ex).await {
-                        Ok(()) => Ok(true),
-                        Err(StoreError::VersionConflict(_)) => Ok(false),
-                        Err(e) => Err(e),
-                    };
+                for (w, done) in batch.drain(..) {
+                    let r = store
+                        .device_writes(std::slice::from_ref(&w))
+                        .await
+                        .and_then(|mut o| {
+                            o.pop()
+                                .ok_or_else(|| StoreError::Invalid("no outcome".into()))
+                        });
                     let _ = done.send(r);
                 }
             }

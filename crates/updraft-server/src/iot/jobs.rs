@@ -216,6 +216,7 @@ pub(crate) async fn create_job(state: &AppState, spec: JobSpec) -> ApiResult<Job
             }
             e => e.into(),
         })?;
+    state.data_plane.invalidate_job(&job.id);
     state.data_plane.things_changed(
         state,
         executions.into_iter().map(|e| e.thing_name).collect(),
@@ -479,6 +480,7 @@ pub(super) async fn update(state: &AppState, req: &ApiRequest, id: &str) -> ApiR
     job.updated_ms = now_ms();
     job.version += 1;
     state.store.update_job(&job).await?;
+    state.data_plane.invalidate_job(&job.id);
     Ok(json!({}))
 }
 
@@ -530,6 +532,7 @@ pub(super) async fn delete(state: &AppState, req: &ApiRequest, id: &str) -> ApiR
     q.checked("namespaceId", &NAMESPACE_ID)?;
     let things = things_of_job(state, id).await?;
     state.store.delete_job(id, q.bool("force")?).await?;
+    state.data_plane.invalidate_job(id);
     state.data_plane.things_changed(state, things);
     Ok(json!({}))
 }

@@ -658,6 +658,7 @@ async fn build(state: &AppState, ota: &OtaUpdate) -> ApiResult<()> {
             sf.version = None;
             sf.resolved_version = payload.version_id.clone();
             sf.size = payload.size;
+            sf.etag = None;
         }
         if let Some((sid, fid)) = &task.repoint {
             repoint_stream(state, sid, *fid, &payload).await?;
@@ -845,6 +846,7 @@ async fn delete_parts(
             Some(job) if job.status != JobStatus::DeletionInProgress => {
                 let things = super::jobs::things_of_job(state, job_id).await?;
                 state.store.delete_job(job_id, true).await?;
+                state.data_plane.invalidate_job(job_id);
                 state.data_plane.things_changed(state, things);
             }
             _ => {}

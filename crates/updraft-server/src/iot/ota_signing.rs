@@ -223,6 +223,7 @@ pub(super) fn payload_stream_file(
         version: None,
         resolved_version: String::new(),
         size,
+        etag: None,
     });
     (u32::from(id), Some(index))
 }
@@ -493,6 +494,7 @@ pub(super) async fn repoint_stream(
     }
     f.resolved_version = payload.version_id.clone();
     f.size = payload.size;
+    f.etag = None;
     let previous = s.version;
     s.version += 1;
     s.updated_ms = now_ms();

@@ -64,6 +64,7 @@ impl S3Location {
             version: self.version.clone(),
             resolved_version: o.version_id,
             size: o.size,
+            etag: Some(o.etag),
         })
     }
 }

@@ -266,7 +266,13 @@ pub async fn handle(state: &AppState, principal: &Principal, parts: Parts, body:
         query: Query(crate::auth::query_pairs(parts.uri.query().unwrap_or(""))),
         headers: parts.headers,
     };
-    let mut resp = match route(&ctx, body).await {
+    let writes = !matches!(ctx.method, Method::GET | Method::HEAD);
+    let routed = route(&ctx, body).await;
+    if writes {
+        // Whatever it changed, devices' downloads must not be served from before it.
+        state.data_plane.forget_objects();
+    }
+    let mut resp = match routed {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(method = %ctx.method, path = %raw_path, error = %e, "S3 error");

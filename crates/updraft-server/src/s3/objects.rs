@@ -214,18 +214,32 @@ fn object_headers(ctx: &Ctx<'_>, o: &ObjectVersion, h: &mut HeaderMap) {
 
 /// GetObject, and HeadObject (same answer without a body).
 pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
-    ctx.bucket().await?;
     if ctx.query.has("partNumber") {
+        ctx.bucket().await?;
         return Err(S3Error::not_implemented(
             "Updraft does not support reading objects by part number",
         ));
     }
     let version = ctx.query.get("versionId");
-    let found = ctx
-        .state
-        .store
-        .get_object(&ctx.bucket, &ctx.key, version)
-        .await?;
+    // A pre-signed GET is a device downloading firmware: a fleet asks for the same object
+    // thousands of times, so its metadata may come from memory (for at most a second, and
+    // never across an S3 write to this server).
+    let found = if ctx.query.has("X-Amz-Signature") {
+        ctx.state
+            .data_plane
+            .object(ctx.state, &ctx.bucket, &ctx.key, version)
+            .await?
+    } else {
+        ctx.state
+            .store
+            .get_object(&ctx.bucket, &ctx.key, version)
+            .await?
+            .map(std::sync::Arc::new)
+    };
+    if found.is_none() {
+        // NoSuchBucket before NoSuchKey.
+        ctx.bucket().await?;
+    }
     let o = match (found, version) {
         (Some(o), _) => o,
         (None, None) => return Err(S3Error::no_such_key()),
@@ -252,7 +266,7 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
         return Err(if o.version_id == "null" {
             e
         } else {
-            e.with_header("x-amz-version-id", o.version_id)
+            e.with_header("x-amz-version-id", o.version_id.clone())
         });
     }
     if let Some(c) = ctx.header("if-match")
@@ -318,6 +332,30 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
         *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     if ctx.method == Method::HEAD {
+        return Ok(resp);
+    }
+    // Firmware-sized objects come from the data plane's blob cache: a fleet downloading one
+    // image by Range requests reads it from disk once.
+    if o.size <= crate::dataplane::MAX_CACHED_FILE {
+        let all = ctx
+            .state
+            .data_plane
+            .blob_bytes(ctx.state, &o.blob, o.size)
+            .await?;
+        let part = match &range {
+            Some(r) => usize::try_from(r.start)
+                .ok()
+                .zip(usize::try_from(r.end).ok())
+                .filter(|(s, e)| s <= e && *e <= all.len())
+                .map(|(s, e)| all.slice(s..e)),
+            None => Some(all),
+        };
+        let Some(part) = part else {
+            return Err(S3Error::internal(
+                "the stored object is shorter than recorded",
+            ));
+        };
+        *resp.body_mut() = Body::from(part);
         return Ok(resp);
     }
     let stream = ctx.state.artifacts.read(&o.blob, range).await?;

@@ -294,12 +294,24 @@ pub trait JobStore: Send + Sync {
 
     /// Writes an execution if its stored version is `execution.version - 1`, and completes a
     /// SNAPSHOT job whose executions are then all terminal.
-    async fn update_execution(&self, execution: &JobExecution) -> StoreResult<()>;
+    async fn update_execution(&self, execution: &JobExecution) -> StoreResult<()> {
+        match self
+            .device_writes(&[DeviceWrite::Update(execution.clone())])
+            .await?
+            .first()
+        {
+            Some(DeviceWriteOutcome::Updated(true)) => Ok(()),
+            _ => Err(StoreError::VersionConflict(format!(
+                "The execution of job {} on {} was changed concurrently.",
+                execution.job_id, execution.thing_name
+            ))),
+        }
+    }
 
-    /// [`JobStore::update_execution`] for many executions in one transaction (group commit).
-    /// Each result is `Ok(true)` when written and `Ok(false)` on a version conflict; a
-    /// database failure fails them all.
-    async fn update_executions(&self, executions: &[JobExecution]) -> StoreResult<Vec<bool>>;
+    /// Devices' writes in one transaction (group commit), applied in order: one outcome per
+    /// write. Updates complete SNAPSHOT jobs whose executions are then all terminal. A
+    /// database failure fails them all (and writes none).
+    async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>>;
 
     /// Deletes one execution. Without `force`, refuses a non-terminal one.
     async fn delete_execution(
@@ -325,7 +337,17 @@ pub trait JobStore: Send + Sync {
         thing: &str,
         status_details: Option<&BTreeMap<String, String>>,
         now_ms: i64,
-    ) -> StoreResult<Option<JobExecution>>;
+    ) -> StoreResult<Option<JobExecution>> {
+        let write = DeviceWrite::StartNext {
+            thing: thing.to_owned(),
+            status_details: status_details.cloned(),
+            now_ms,
+        };
+        match self.device_writes(&[write]).await?.pop() {
+            Some(DeviceWriteOutcome::Started(e)) => Ok(e),
+            _ => Err(StoreError::Invalid("start-next wrote nothing".into())),
+        }
+    }
 }
 
 /// Device certificates and thing principals.

@@ -40,6 +40,10 @@ pub struct StreamFile {
     pub resolved_version: String,
     /// The object's size in bytes when the stream was written.
     pub size: u64,
+    /// The object's ETag when the stream was written, when known: in an unversioned bucket
+    /// an overwrite keeps the version id, and this tells the new content from the old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +92,30 @@ pub struct JobExecution {
     pub updated_ms: i64,
     pub version: i64,
     pub retry_attempt: i64,
+}
+
+/// A device's write to its executions, as the data plane hands them to the store in
+/// batches (group commit: one transaction for all the devices waiting).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceWrite {
+    /// Write the execution if its stored version is `version - 1`.
+    Update(JobExecution),
+    /// StartNextPendingJobExecution for `thing`: its next pending execution; a QUEUED one
+    /// becomes IN_PROGRESS with `status_details`.
+    StartNext {
+        thing: String,
+        status_details: Option<BTreeMap<String, String>>,
+        now_ms: i64,
+    },
+}
+
+/// What one [`DeviceWrite`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceWriteOutcome {
+    /// Whether the update was written (`false`: the stored version had moved on).
+    Updated(bool),
+    /// The execution started, or the one already in progress; `None` when nothing is pending.
+    Started(Option<JobExecution>),
 }
 
 /// An OTA update. `request` is the validated CreateOTAUpdate body; the rest is derived.

@@ -7,6 +7,25 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
+/// A failure that trying the transaction again can cure: a PostgreSQL deadlock victim or
+/// serialization failure.
+fn is_transient(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
+/// Whose executions a listing walks.
+#[derive(Clone, Copy)]
+enum ExecutionsOf<'a> {
+    Job(&'a str),
+    /// A thing's, optionally of one job only.
+    Thing(&'a str, Option<&'a str>),
+}
+
 impl SqlStore {
     async fn job_in(&self, tx: &mut Tx, id: &str) -> StoreResult<Option<Job>> {
         let row =
@@ -17,9 +36,183 @@ impl SqlStore {
         row.as_ref().map(row_job).transpose()
     }
 
+    /// Writes `e` if its stored version is `e.version - 1`; whether it did. The queue time
+    /// must match too: it never changes, so it tells a re-created job's execution from the
+    /// one `e` was read from.
+    async fn update_execution_in(&self, tx: &mut Tx, e: &JobExecution) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
+             updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
+             AND version = $10 AND queued_ms = $11",
+        )
+        .bind(&e.job_id)
+        .bind(&e.thing_name)
+        .bind(e.execution_number)
+        .bind(e.status.as_str())
+        .bind(flag(e.force_canceled))
+        .bind(to_json(&e.status_details)?)
+        .bind(e.started_ms)
+        .bind(e.updated_ms)
+        .bind(e.version)
+        .bind(e.version - 1)
+        .bind(e.queued_ms)
+        .execute(&mut **tx)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// StartNext inside a transaction: the thing's next pending execution, started.
+    async fn start_next_in(
+        &self,
+        tx: &mut Tx,
+        thing: &str,
+        status_details: Option<&BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> StoreResult<Option<JobExecution>> {
+        let row = sqlx::query(self.locked(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
+             AND status IN ('IN_PROGRESS', 'QUEUED') \
+             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT 1"
+        )))
+        .bind(thing)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(mut e) = row.as_ref().map(row_execution).transpose()? else {
+            return Ok(None);
+        };
+        if e.status == ExecutionStatus::Queued {
+            e.status = ExecutionStatus::InProgress;
+            e.started_ms = Some(now_ms);
+            e.updated_ms = now_ms;
+            if let Some(d) = status_details {
+                e.status_details = d.clone();
+            }
+            e.version += 1;
+            if !self.update_execution_in(tx, &e).await? {
+                return Err(StoreError::VersionConflict(format!(
+                    "The execution of job {} on {thing} changed while it was started.",
+                    e.job_id
+                )));
+            }
+        }
+        Ok(Some(e))
+    }
+
+    /// One keyset-paged listing of executions: a job's (in thing order) or a thing's (in
+    /// job order, optionally of one job), then by execution number.
+    async fn list_executions(
+        &self,
+        of: ExecutionsOf<'_>,
+        status: Option<ExecutionStatus>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<JobExecution>> {
+        let (fixed, key, only_job, paged) = match of {
+            ExecutionsOf::Job(job) => ("job_id", job, None, "thing_name"),
+            ExecutionsOf::Thing(thing, job) => ("thing_name", thing, job, "job_id"),
+        };
+        let (after, after_number) = page
+            .after
+            .as_deref()
+            .map(split_execution_key)
+            .unwrap_or((String::new(), i64::MAX));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE {fixed} = $1 AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR job_id = $3) AND ({paged} > $4 OR ({paged} = $4 AND execution_number > $5)) \
+             ORDER BY {paged}, execution_number LIMIT $6"
+        )))
+        .bind(key)
+        .bind(status.map(|s| s.as_str()))
+        .bind(only_job)
+        .bind(after)
+        .bind(after_number)
+        .bind(page_limit(page))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(row_execution)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page, |e| match of {
+            ExecutionsOf::Job(_) => format!("{}/{}", e.thing_name, e.execution_number),
+            ExecutionsOf::Thing(..) => format!("{}/{}", e.job_id, e.execution_number),
+        }))
+    }
+
+    async fn cancel_job_once(&self, job_id: &str, how: &CancelJob) -> StoreResult<Job> {
+        let mut tx = self.begin().await?;
+        let Some(mut job) = self.job_in(&mut tx, job_id).await? else {
+            return Err(StoreError::NotFound(format!(
+                "Job {job_id} cannot be found."
+            )));
+        };
+        match job.status {
+            JobStatus::DeletionInProgress => {
+                return Err(StoreError::Invalid(format!(
+                    "Job {job_id} is being deleted."
+                )));
+            }
+            JobStatus::Completed => {
+                return Err(StoreError::Invalid(format!(
+                    "Job {job_id} has already completed and cannot be canceled."
+                )));
+            }
+            JobStatus::Canceled if !how.force || job.force_canceled => return Ok(job),
+            _ => {}
+        }
+        let statuses: &[&str] = if how.force {
+            &["QUEUED", "IN_PROGRESS"]
+        } else {
+            &["QUEUED"]
+        };
+        for status in statuses {
+            let forced = *status == "IN_PROGRESS";
+            sqlx::query(
+                "UPDATE job_executions SET status = 'CANCELED', force_canceled = $3, updated_ms = $4, \
+                 version = version + 1 WHERE job_id = $1 AND status = $2",
+            )
+            .bind(job_id)
+            .bind(*status)
+            .bind(flag(forced))
+            .bind(how.now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        job.status = JobStatus::Canceled;
+        job.force_canceled = how.force;
+        if how.reason_code.is_some() {
+            job.reason_code.clone_from(&how.reason_code);
+        }
+        if how.comment.is_some() {
+            job.comment.clone_from(&how.comment);
+        }
+        job.updated_ms = how.now_ms;
+        job.version += 1;
+        sqlx::query(
+            "UPDATE jobs SET status = 'CANCELED', force_canceled = $2, reason_code = $3, comment = $4, \
+             updated_ms = $5, version = $6 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(flag(job.force_canceled))
+        .bind(&job.reason_code)
+        .bind(&job.comment)
+        .bind(job.updated_ms)
+        .bind(job.version)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
     /// Completes a SNAPSHOT job in progress whose executions are all terminal.
     async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
-        // One statement: the job row is locked by the UPDATE itself on both backends.
+        // The job row is locked first. On PostgreSQL (READ COMMITTED) two transactions that
+        // end the last two executions would otherwise each see the other's as still pending
+        // and neither complete the job; behind the lock, the second one's UPDATE takes a
+        // fresh snapshot that sees the first one's commit. (SQLite serializes writers.)
+        sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
+            .bind(job_id)
+            .fetch_optional(&mut **tx)
+            .await?;
         sqlx::query(
             "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
              WHERE job_id = $1 AND status = 'IN_PROGRESS' AND target_selection = 'SNAPSHOT' \
@@ -212,68 +405,16 @@ impl JobStore for SqlStore {
     }
 
     async fn cancel_job(&self, job_id: &str, how: &CancelJob) -> StoreResult<Job> {
-        let mut tx = self.begin().await?;
-        let Some(mut job) = self.job_in(&mut tx, job_id).await? else {
-            return Err(StoreError::NotFound(format!(
-                "Job {job_id} cannot be found."
-            )));
-        };
-        match job.status {
-            JobStatus::DeletionInProgress => {
-                return Err(StoreError::Invalid(format!(
-                    "Job {job_id} is being deleted."
-                )));
+        // PostgreSQL may pick a cancel as the victim of a deadlock with a batch of device
+        // writes (a StartNext locks executions of jobs the batch did not know it would
+        // touch); the operator's request is then simply tried again.
+        let mut attempt = 0;
+        loop {
+            match self.cancel_job_once(job_id, how).await {
+                Err(e) if attempt < 3 && is_transient(&e) => attempt += 1,
+                other => return other,
             }
-            JobStatus::Completed => {
-                return Err(StoreError::Invalid(format!(
-                    "Job {job_id} has already completed and cannot be canceled."
-                )));
-            }
-            JobStatus::Canceled if !how.force || job.force_canceled => return Ok(job),
-            _ => {}
         }
-        let statuses: &[&str] = if how.force {
-            &["QUEUED", "IN_PROGRESS"]
-        } else {
-            &["QUEUED"]
-        };
-        for status in statuses {
-            let forced = *status == "IN_PROGRESS";
-            sqlx::query(
-                "UPDATE job_executions SET status = 'CANCELED', force_canceled = $3, updated_ms = $4, \
-                 version = version + 1 WHERE job_id = $1 AND status = $2",
-            )
-            .bind(job_id)
-            .bind(*status)
-            .bind(flag(forced))
-            .bind(how.now_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-        job.status = JobStatus::Canceled;
-        job.force_canceled = how.force;
-        if how.reason_code.is_some() {
-            job.reason_code.clone_from(&how.reason_code);
-        }
-        if how.comment.is_some() {
-            job.comment.clone_from(&how.comment);
-        }
-        job.updated_ms = how.now_ms;
-        job.version += 1;
-        sqlx::query(
-            "UPDATE jobs SET status = 'CANCELED', force_canceled = $2, reason_code = $3, comment = $4, \
-             updated_ms = $5, version = $6 WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .bind(flag(job.force_canceled))
-        .bind(&job.reason_code)
-        .bind(&job.comment)
-        .bind(job.updated_ms)
-        .bind(job.version)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(job)
     }
 
     async fn delete_job(&self, job_id: &str, force: bool) -> StoreResult<()> {
@@ -329,30 +470,8 @@ impl JobStore for SqlStore {
         status: Option<ExecutionStatus>,
         page: &PageRequest,
     ) -> StoreResult<Page<JobExecution>> {
-        let (after_thing, after_number) = page
-            .after
-            .as_deref()
-            .map(split_execution_key)
-            .unwrap_or((String::new(), i64::MAX));
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE job_id = $1 AND ($2 IS NULL OR status = $2) \
-             AND (thing_name > $3 OR (thing_name = $3 AND execution_number > $4)) \
-             ORDER BY thing_name, execution_number LIMIT $5"
-        )))
-        .bind(job_id)
-        .bind(status.map(|s| s.as_str()))
-        .bind(after_thing)
-        .bind(after_number)
-        .bind(page_limit(page))
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(row_execution)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(paginate(items, page, |e| {
-            format!("{}/{}", e.thing_name, e.execution_number)
-        }))
+        self.list_executions(ExecutionsOf::Job(job_id), status, page)
+            .await
     }
 
     async fn list_executions_for_thing(
@@ -362,81 +481,56 @@ impl JobStore for SqlStore {
         job_id: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<Page<JobExecution>> {
-        let (after_job, after_number) = page
-            .after
-            .as_deref()
-            .map(split_execution_key)
-            .unwrap_or((String::new(), i64::MAX));
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 AND ($2 IS NULL OR status = $2) \
-             AND ($3 IS NULL OR job_id = $3) AND (job_id > $4 OR (job_id = $4 AND execution_number > $5)) \
-             ORDER BY job_id, execution_number LIMIT $6"
-        )))
-        .bind(thing)
-        .bind(status.map(|s| s.as_str()))
-        .bind(job_id)
-        .bind(after_job)
-        .bind(after_number)
-        .bind(page_limit(page))
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(row_execution)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(paginate(items, page, |e| {
-            format!("{}/{}", e.job_id, e.execution_number)
-        }))
+        self.list_executions(ExecutionsOf::Thing(thing, job_id), status, page)
+            .await
     }
 
-    async fn update_execution(&self, e: &JobExecution) -> StoreResult<()> {
-        match self
-            .update_executions(std::slice::from_ref(e))
-            .await?
-            .first()
-        {
-            Some(true) => Ok(()),
-            _ => Err(StoreError::VersionConflict(format!(
-                "The execution of job {} on {} was changed concurrently.",
-                e.job_id, e.thing_name
-            ))),
-        }
-    }
-
-    async fn update_executions(&self, executions: &[JobExecution]) -> StoreResult<Vec<bool>> {
+    async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
         let mut tx = self.begin().await?;
-        let mut written = Vec::with_capacity(executions.len());
-        let mut ended_jobs: BTreeMap<&str, i64> = BTreeMap::new();
-        for e in executions {
-            let done = sqlx::query(
-                "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
-                 updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
-                 AND version = $10",
-            )
-            .bind(&e.job_id)
-            .bind(&e.thing_name)
-            .bind(e.execution_number)
-            .bind(e.status.as_str())
-            .bind(flag(e.force_canceled))
-            .bind(to_json(&e.status_details)?)
-            .bind(e.started_ms)
-            .bind(e.updated_ms)
-            .bind(e.version)
-            .bind(e.version - 1)
-            .execute(&mut *tx)
-            .await?;
-            let ok = done.rows_affected() > 0;
-            // Only a terminal execution can be the last one a SNAPSHOT job waited for.
-            if ok && e.status.is_terminal() {
-                ended_jobs.insert(&e.job_id, e.updated_ms);
+        if self.dialect == Dialect::Postgres {
+            // Jobs before executions, in job id order, as CancelJob and DeleteJob lock them:
+            // a batch that may complete a job does not take that job's row last.
+            let jobs: BTreeSet<&str> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    DeviceWrite::Update(e) => Some(e.job_id.as_str()),
+                    DeviceWrite::StartNext { .. } => None,
+                })
+                .collect();
+            for job_id in jobs {
+                sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
+                    .bind(job_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             }
-            written.push(ok);
+        }
+        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut ended_jobs: BTreeMap<&str, i64> = BTreeMap::new();
+        for w in writes {
+            outcomes.push(match w {
+                DeviceWrite::Update(e) => {
+                    let ok = self.update_execution_in(&mut tx, e).await?;
+                    // Only a terminal execution can be the last one a SNAPSHOT job waited for.
+                    if ok && e.status.is_terminal() {
+                        ended_jobs.insert(&e.job_id, e.updated_ms);
+                    }
+                    DeviceWriteOutcome::Updated(ok)
+                }
+                DeviceWrite::StartNext {
+                    thing,
+                    status_details,
+                    now_ms,
+                } => DeviceWriteOutcome::Started(
+                    self.start_next_in(&mut tx, thing, status_details.as_ref(), *now_ms)
+                        .await?,
+                ),
+            });
         }
         for (job_id, at) in ended_jobs {
             self.complete_if_done(&mut tx, job_id, at).await?;
         }
         tx.commit().await?;
-        Ok(written)
+        Ok(outcomes)
     }
 
     async fn delete_execution(
@@ -484,13 +578,15 @@ impl JobStore for SqlStore {
         thing: &str,
         limit: usize,
     ) -> StoreResult<Vec<JobExecution>> {
+        // The limit is part of the statement text, not a parameter: SQLite plans with a
+        // bound LIMIT's value, so every rebinding would make it prepare the statement again
+        // (the callers use a handful of limits, each one cached statement).
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
              AND status IN ('IN_PROGRESS', 'QUEUED') \
-             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT $2"
+             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT {limit}"
         )))
         .bind(thing)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(row_execution).collect()
@@ -515,48 +611,5 @@ impl JobStore for SqlStore {
         insert_execution(&mut tx, e).await?;
         tx.commit().await?;
         Ok(true)
-    }
-
-    async fn start_next_execution(
-        &self,
-        thing: &str,
-        status_details: Option<&BTreeMap<String, String>>,
-        now_ms: i64,
-    ) -> StoreResult<Option<JobExecution>> {
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(self.locked(&format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
-             AND status IN ('IN_PROGRESS', 'QUEUED') \
-             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT 1"
-        )))
-        .bind(thing)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(mut e) = row.as_ref().map(row_execution).transpose()? else {
-            return Ok(None);
-        };
-        if e.status == ExecutionStatus::Queued {
-            e.status = ExecutionStatus::InProgress;
-            e.started_ms = Some(now_ms);
-            e.updated_ms = now_ms;
-            if let Some(d) = status_details {
-                e.status_details = d.clone();
-            }
-            e.version += 1;
-            sqlx::query(
-                "UPDATE job_executions SET status = 'IN_PROGRESS', status_details = $4, started_ms = $5, \
-                 updated_ms = $5, version = version + 1 WHERE job_id = $1 AND thing_name = $2 \
-                 AND execution_number = $3",
-            )
-            .bind(&e.job_id)
-            .bind(&e.thing_name)
-            .bind(e.execution_number)
-            .bind(to_json(&e.status_details)?)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
-        Ok(Some(e))
     }
 }
