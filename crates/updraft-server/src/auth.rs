@@ -300,20 +300,14 @@ pub fn presign_s3_get(
     let amz_date = crate::clock::amz_date(now_ms);
     let date = &amz_date[..8];
     let credential = format!("{access_key}/{date}/{region}/s3/aws4_request");
-    let mut params = [
+    let params = [
         ("X-Amz-Algorithm", "AWS4-HMAC-SHA256".to_owned()),
         ("X-Amz-Credential", credential),
         ("X-Amz-Date", amz_date.clone()),
         ("X-Amz-Expires", expires.to_string()),
         ("X-Amz-SignedHeaders", "host".to_owned()),
-    ]
-    .map(|(k, v)| (uri_encode(k, true), uri_encode(&v, true)));
-    params.sort();
-    let query = params
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
+    ];
+    let query = canonical_query(params.map(|(k, v)| (k.to_owned(), v)));
     let canonical = format!("GET\n{path}\n{query}\nhost:{authority}\n\nhost\n{UNSIGNED_PAYLOAD}");
     let scope = format!("{date}/{region}/s3/aws4_request");
     let string_to_sign = format!(
@@ -368,17 +362,11 @@ fn canonical_request(
     } else {
         uri_encode(&normalize_path(path), false)
     };
-    let mut pairs: Vec<(String, String)> = query_pairs(req.raw_query)
-        .into_iter()
-        .filter(|(k, _)| !(claim.expires.is_some() && k == "X-Amz-Signature"))
-        .map(|(k, v)| (uri_encode(&k, true), uri_encode(&v, true)))
-        .collect();
-    pairs.sort();
-    let canonical_query = pairs
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
+    let canonical_query = canonical_query(
+        query_pairs(req.raw_query)
+            .into_iter()
+            .filter(|(k, _)| !(claim.expires.is_some() && k == "X-Amz-Signature")),
+    );
     let mut canonical_headers = String::new();
     for name in &claim.signed_headers {
         let values: Vec<String> = req
@@ -408,6 +396,21 @@ fn canonical_request(
         claim.signed_headers.join(";"),
         payload_hash
     ))
+}
+
+/// SigV4's canonical query string: every name and value encoded, the pairs sorted, joined
+/// with `&`. Clients signing requests (the `updraft` command's API client) use it too.
+pub fn canonical_query(pairs: impl IntoIterator<Item = (String, String)>) -> String {
+    let mut pairs: Vec<(String, String)> = pairs
+        .into_iter()
+        .map(|(k, v)| (uri_encode(&k, true), uri_encode(&v, true)))
+        .collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Removes `.` and `..` segments, as botocore does before signing.

@@ -97,16 +97,8 @@ impl Api {
         } else {
             uri_encode(path_only, false)
         };
-        let mut pairs: Vec<(String, String)> = updraft_server::auth::query_pairs(query)
-            .into_iter()
-            .map(|(k, v)| (uri_encode(&k, true), uri_encode(&v, true)))
-            .collect();
-        pairs.sort();
-        let canonical_query = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
+        let canonical_query =
+            updraft_server::auth::canonical_query(updraft_server::auth::query_pairs(query));
         let host = &self.base.authority;
         let canonical = format!(
             "{method}\n{canonical_uri}\n{canonical_query}\nhost:{host}\nx-amz-content-sha256:{payload_hash}\nx-amz-date:{amz_date}\n\nhost;x-amz-content-sha256;x-amz-date\n{payload_hash}"
