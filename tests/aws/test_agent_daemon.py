@@ -214,7 +214,7 @@ def signed_by_profile(signing) -> dict:
     }}
 
 
-@pytest.mark.parametrize("protocols", [("MQTT",)], ids=["mqtt"])
+@pytest.mark.parametrize("protocols", [("MQTT",), ("HTTP",)], ids=["mqtt", "http"])
 def test_signed_ota_update_installs_self_tests_and_commits(server, signing, daemon_factory, protocols):
     dev = daemon_factory()
     wait_for(lambda: (dev.install / "current").exists(), what="the daemon's install directory")
