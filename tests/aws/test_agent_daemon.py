@@ -270,3 +270,19 @@ def test_failures_keep_the_running_image(server, signing, daemon_factory):
         wait_for(lambda: d.active_slot() == before[d.thing], what=f"{d.thing} back on its slot")
         assert d.running_image() == d.factory, d.logs()
     assert "self-test says no" in failing_test.logs()
+
+
+def test_a_custom_job_is_rejected_and_does_not_block_the_ota_job_behind_it(server, signing, daemon_factory):
+    dev = daemon_factory()
+    wait_for(lambda: (dev.install / "current").exists(), what="the daemon's install directory")
+    custom = unique("custom")
+    server.aws("iot", "create-job", "--job-id", custom, "--targets", dev.thing_arn,
+               "--document", json.dumps({"operation": "reboot"}))
+    new = image((1, 4, 0))
+    job = create_ota(server, signing, [dev.thing_arn], upload(server, signing, new), signed_by_profile(signing))
+    ex = dev.wait_terminal(custom)
+    assert ex["status"] == "REJECTED", (ex, dev.logs())
+    assert "afr_ota" in ex["statusDetails"]["detailsMap"]["reason"]
+    ex = dev.wait_terminal(job)
+    assert ex["status"] == "SUCCEEDED", (ex, dev.logs())
+    assert dev.running_image() == new

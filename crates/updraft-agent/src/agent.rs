@@ -534,6 +534,16 @@ impl Agent {
                 format,
                 payload,
             } => self.on_stream_rejected(&stream, format, &payload),
+            Command::CustomJobStatus {
+                job_id,
+                status,
+                details,
+            } => {
+                self.report(&job_id, crate::status::custom(status, &details));
+                if status.is_terminal() {
+                    self.signal(AgentEvent::RequestJobDocument, Data::None);
+                }
+            }
             Command::SetImageState(s, reply) => {
                 let r = self.set_image_state(s);
                 let _ = reply.send(r);

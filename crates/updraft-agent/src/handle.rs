@@ -50,6 +50,12 @@ pub(crate) enum Command {
         status: Option<u16>,
         detail: String,
     },
+    /// The application's status for a custom (non-OTA) job.
+    CustomJobStatus {
+        job_id: String,
+        status: crate::status::CustomJobStatus,
+        details: std::collections::BTreeMap<String, String>,
+    },
     SetImageState(ImageState, oneshot::Sender<Result<(), Error>>),
     Activate(oneshot::Sender<Result<(), Error>>),
     Shutdown {
@@ -400,6 +406,23 @@ impl AgentHandle {
         self.send(Command::Activate(tx))?;
         rx.await
             .map_err(|_| Error::os(OsError::EventQueueReceiveFailed, "the agent has stopped"))?
+    }
+
+    /// Reports the status of a custom job (one the agent handed over with
+    /// [`crate::JobEvent::ParseCustomJob`]). A terminal status ends it for this device, and
+    /// the agent asks for the next job: an application that does not run custom jobs
+    /// reports them `Rejected`, so that they do not hold up the OTA jobs queued behind them.
+    pub fn report_custom_job(
+        &self,
+        job_id: &str,
+        status: crate::status::CustomJobStatus,
+        details: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        self.send(Command::CustomJobStatus {
+            job_id: job_id.to_owned(),
+            status,
+            details,
+        })
     }
 
     /// The thing name the agent serves.

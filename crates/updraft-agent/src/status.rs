@@ -73,6 +73,49 @@ pub fn self_test(stage: SelfTest, running: AppVersion) -> Report {
     }
 }
 
+/// The status an application reports for a job that is not an OTA job (the agent hands
+/// those to the application: [`crate::JobEvent::ParseCustomJob`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CustomJobStatus {
+    InProgress,
+    Succeeded,
+    Failed,
+    /// The device will not run the job.
+    Rejected,
+}
+
+impl CustomJobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CustomJobStatus::InProgress => "IN_PROGRESS",
+            CustomJobStatus::Succeeded => "SUCCEEDED",
+            CustomJobStatus::Failed => "FAILED",
+            CustomJobStatus::Rejected => "REJECTED",
+        }
+    }
+
+    /// Whether the job is over for this device (the agent then asks for the next one).
+    pub fn is_terminal(self) -> bool {
+        self != CustomJobStatus::InProgress
+    }
+}
+
+/// `{"status":..., "statusDetails":{...}}` for a custom job (QoS 1).
+pub fn custom(
+    status: CustomJobStatus,
+    details: &std::collections::BTreeMap<String, String>,
+) -> Report {
+    let body = if details.is_empty() {
+        serde_json::json!({ "status": status.as_str() })
+    } else {
+        serde_json::json!({ "status": status.as_str(), "statusDetails": details })
+    };
+    Report {
+        payload: body.to_string(),
+        qos: ReportQos::AtLeastOnce,
+    }
+}
+
 /// `{"reason":"accepted  v1.2.3","updatedBy":"  v1.2.2"}`: the new running version, and the
 /// version that downloaded it.
 pub fn accepted(new: AppVersion, updated_by: AppVersion) -> Report {
@@ -109,6 +152,21 @@ pub fn failed_with_value(code: u32, sub: u32) -> Report {
 mod tests {
     use super::*;
     use crate::error::{IngestResult, JobParseError, OtaError, PalStatus};
+
+    #[test]
+    fn custom_job_reports() {
+        let r = custom(CustomJobStatus::InProgress, &Default::default());
+        assert_eq!(r.payload, r#"{"status":"IN_PROGRESS"}"#);
+        let details =
+            std::collections::BTreeMap::from([("reason".to_owned(), "no \"x\"".to_owned())]);
+        let r = custom(CustomJobStatus::Rejected, &details);
+        let v: serde_json::Value = serde_json::from_str(&r.payload).expect("json");
+        assert_eq!(v["status"], "REJECTED");
+        assert_eq!(v["statusDetails"]["reason"], "no \"x\"");
+        assert_eq!(r.qos, ReportQos::AtLeastOnce);
+        assert!(!CustomJobStatus::InProgress.is_terminal());
+        assert!(CustomJobStatus::Failed.is_terminal());
+    }
 
     #[test]
     fn exact_templates() {

@@ -90,6 +90,10 @@ pub struct Download {
     /// Streams encoding: "cbor" (the C agent's) or "json".
     #[serde(default = "default_format")]
     pub format: String,
+    /// The CA certificate (PEM) that `https://` pre-signed URLs are checked against. Without
+    /// it, only `http://` URLs (and MQTT Streams) are used.
+    #[serde(default)]
+    pub http_ca: Option<PathBuf>,
 }
 
 impl Default for Download {
@@ -100,6 +104,7 @@ impl Default for Download {
             max_file_size: default_max_file_size(),
             request_wait_secs: default_request_wait(),
             format: default_format(),
+            http_ca: None,
         }
     }
 }
@@ -196,9 +201,14 @@ impl Config {
         if let Some(p) = c.log_file.as_mut() {
             abs(p);
         }
-        for p in [&mut c.broker.ca, &mut c.broker.cert, &mut c.broker.key]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut c.broker.ca,
+            &mut c.broker.cert,
+            &mut c.broker.key,
+            &mut c.download.http_ca,
+        ]
+        .into_iter()
+        .flatten()
         {
             abs(p);
         }
@@ -269,6 +279,12 @@ impl Config {
             "json" => updraft_protocol::topics::Format::Json,
             other => bail!("download.format is \"cbor\" or \"json\", not \"{other}\""),
         };
+        if let Some(ca) = &d.http_ca {
+            a.http_ca_pem = Some(
+                std::fs::read_to_string(ca)
+                    .with_context(|| format!("download.http_ca {}", ca.display()))?,
+            );
+        }
         a.allow_downgrade = self.version.allow_downgrade;
         a.version_floor = match &self.version.floor {
             Some(f) => Some(f.parse().context("version.floor")?),

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use updraft_agent::mqtt::run_event_loop;
 use updraft_agent::pal::linux::{self, LinuxPal, LinuxPalError, Restart};
+use updraft_agent::status::CustomJobStatus;
 use updraft_agent::{AgentHandle, FileResumeStore, ImageState, JobEvent, ResumeStore, init};
 
 use crate::config::{Config, Transport as BrokerTransport};
@@ -360,7 +361,16 @@ async fn run(cfg: &Config, pal: LinuxPal) -> Result<Option<Restart>> {
                 }
                 JobEvent::UpdateComplete { job_id } => info!(job = %job_id, "file received"),
                 JobEvent::ParseCustomJob { job_id, .. } => {
-                    info!(job = %job_id, "not an OTA job: ignored");
+                    // Left QUEUED, it would stay at the head of the queue and hold up every
+                    // OTA job behind it.
+                    info!(job = %job_id, "not an OTA job: rejecting it");
+                    let details = std::collections::BTreeMap::from([(
+                        "reason".to_owned(),
+                        "updraft-agent runs OTA (afr_ota) jobs only".to_owned(),
+                    )]);
+                    if let Err(e) = handle.report_custom_job(&job_id, CustomJobStatus::Rejected, details) {
+                        warn!(job = %job_id, "cannot reject the job: {e}");
+                    }
                 }
                 JobEvent::NoActiveJob => debug!("no job"),
             },
