@@ -77,15 +77,21 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     // S3 errors name their request id in the body too; keep the one they chose.
     let headers = resp.headers_mut();
     let id = headers
-        .get("x-amz-request-id")
+        .get(&AMZ_REQUEST_ID)
         .cloned()
         .or_else(|| HeaderValue::from_str(&request_id).ok());
     if let Some(v) = id {
-        headers.insert("x-amzn-RequestId", v.clone());
-        headers.insert("x-amz-request-id", v);
+        headers.insert(AMZN_REQUEST_ID, v.clone());
+        headers.insert(AMZ_REQUEST_ID, v);
     }
     resp
 }
+
+/// The request id headers (names parsed once; they are on every response).
+const AMZN_REQUEST_ID: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-amzn-requestid");
+const AMZ_REQUEST_ID: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-amz-request-id");
 
 /// An ACM (json 1.1) request: `X-Amz-Target: CertificateManager.<Operation>`.
 fn is_acm(headers: &axum::http::HeaderMap) -> bool {

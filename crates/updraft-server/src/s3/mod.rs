@@ -477,6 +477,8 @@ pub(crate) fn xml_response(doc: String) -> Response {
 pub(crate) fn empty_response(status: StatusCode) -> Response {
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = status;
+    // Room for an object's usual headers without growing the map.
+    resp.headers_mut().reserve(16);
     resp
 }
 
