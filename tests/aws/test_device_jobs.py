@@ -198,6 +198,8 @@ def test_start_next_and_rejections(server, thing):
             (f"{first}/update", {"status": "IN_PROGRESS", "statusDetails": {"bad key": "v"}}, "InvalidRequest"),
             (f"{first}/update", {"status": "IN_PROGRESS", "stepTimeoutInMinutes": 0}, "InvalidRequest"),
             ("no-such-job/update", {"status": "IN_PROGRESS"}, "ResourceNotFound"),
+            ("$next/get", {"clientToken": "x" * 65}, "InvalidRequest"),
+            ("get", {"clientToken": 12}, "InvalidRequest"),
             ("no-such-job/get", {}, "ResourceNotFound"),
             ("something/else", {}, "InvalidTopic"),
         ]:

@@ -749,7 +749,7 @@ impl Agent {
                 .subscribe(&topic::next_get_accepted(&thing), Qos::AtLeastOnce)?;
             self.mqtt
                 .subscribe(&topic::next_get_rejected(&thing), Qos::AtLeastOnce)?;
-            let token = format!("{}:{thing}", self.request_counter);
+            let token = client_token(self.request_counter, &thing);
             let body = serde_json::json!({ "clientToken": token }).to_string();
             self.publish(
                 &topic::next_get(&thing),
@@ -1610,6 +1610,15 @@ impl Agent {
         self.signal(AgentEvent::Shutdown, Data::None);
         Ok(())
     }
+}
+
+/// The client token of job request `n`: `"{n}:{thingName}"`, the thing name cut so that the
+/// token stays within the API's 64 characters (as the C agent cuts it).
+fn client_token(n: u32, thing: &str) -> String {
+    let number = n.to_string();
+    let room = 64 - number.len() - 1;
+    let thing: String = thing.chars().take(room).collect();
+    format!("{number}:{thing}")
 }
 
 /// The number of the agent's job request a `$next/get` answer carries in its client token

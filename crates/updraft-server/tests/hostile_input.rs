@@ -531,11 +531,19 @@ fn check_jobs(case: &Case, target: JobsTarget, answers: &Answers) -> Result<(), 
             .then_some(())
             .ok_or_else(|| format!("expected InvalidJson without a token: {body}"));
     };
-    // A readable token is echoed (the first 64 characters).
-    if let Some(Value::String(t)) = request.get("clientToken") {
-        let echoed: String = t.chars().take(64).collect();
-        if body["clientToken"] != echoed.as_str() {
-            return Err(format!("token not echoed: {body}"));
+    // A token is a string of 1 to 64 characters, echoed verbatim; anything else is refused
+    // (InvalidRequest) and not echoed.
+    match request.get("clientToken") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if (1..=64).contains(&t.chars().count()) => {
+            if body["clientToken"] != t.as_str() {
+                return Err(format!("token not echoed: {body}"));
+            }
+        }
+        Some(_) => {
+            return (code == "InvalidRequest" && !accepted && body.get("clientToken").is_none())
+                .then_some(())
+                .ok_or_else(|| format!("expected InvalidRequest for the token: {body}"));
         }
     }
     let allowed: &[&str] = match target {

@@ -988,3 +988,16 @@ fn a_failed_execution_is_not_retried_on_a_stale_document_but_a_new_execution_is(
     assert!(svc.gets.len() > gets);
     assert!(sim.has_event(|e| matches!(e, JobEvent::Activate { .. })));
 }
+
+#[test]
+fn client_tokens_stay_within_64_characters() {
+    assert_eq!(client_token(7, "dev-1"), "7:dev-1");
+    let long = "t".repeat(128);
+    let token = client_token(u32::MAX, &long);
+    assert_eq!(token.chars().count(), 64);
+    assert!(token.starts_with("4294967295:ttt"));
+    assert_eq!(
+        request_number(format!(r#"{{"clientToken":"{token}"}}"#).as_bytes()),
+        Some(u32::MAX)
+    );
+}

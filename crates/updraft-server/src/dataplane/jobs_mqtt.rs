@@ -13,6 +13,9 @@ use crate::server::AppState;
 use crate::store::JobExecution;
 use updraft_protocol::topics::JobsOp;
 
+/// The longest `clientToken` (the API's limit).
+const MAX_CLIENT_TOKEN: usize = 64;
+
 fn seconds(ms: i64) -> Value {
     Value::from(ms / 1000)
 }
@@ -88,11 +91,19 @@ impl Fields {
         }
     }
 
-    fn client_token(&self) -> Option<String> {
-        self.0
-            .get("clientToken")
-            .and_then(Value::as_str)
-            .map(|t| t.chars().take(64).collect())
+    /// `clientToken`: a string of at most 64 characters, echoed verbatim. Anything else is
+    /// refused (and not echoed).
+    fn client_token(&self) -> Result<Option<String>, JobsError> {
+        match self.0.get("clientToken") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(t)) if (1..=MAX_CLIENT_TOKEN).contains(&t.chars().count()) => {
+                Ok(Some(t.clone()))
+            }
+            Some(_) => Err(JobsError::new(
+                JobsErrorCode::InvalidRequest,
+                format!("clientToken must be a string of 1 to {MAX_CLIENT_TOKEN} characters"),
+            )),
+        }
     }
 
     /// A number, or a numeric string (AWS's Jobs library sends `"expectedVersion":"2"`).
@@ -191,7 +202,11 @@ pub(super) async fn handle(
 ) {
     let thing = msg.client_id.as_str();
     let fields = Fields::parse(&msg.payload);
-    let token = fields.as_ref().ok().and_then(Fields::client_token);
+    let (token, fields) = match fields.map(|f| (f.client_token(), f)) {
+        Ok((Ok(token), f)) => (token, Ok(f)),
+        Ok((Err(e), _)) => (None, Err(e)),
+        Err(e) => (None, Err(e)),
+    };
     let result = match (op, fields) {
         (Err(reason), _) => Err(JobsError::new(
             JobsErrorCode::InvalidTopic,
