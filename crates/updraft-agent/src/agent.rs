@@ -234,6 +234,7 @@ enum Final {
 struct ActiveJob {
     job_id: String,
     execution_number: Option<u64>,
+    queued_at: Option<u64>,
     /// The file of the job, once validated.
     file: Option<FileContext>,
     /// In self-test: the version that downloaded the image.
@@ -250,6 +251,7 @@ struct ActiveJob {
 struct Concluded {
     job_id: String,
     execution_number: Option<u64>,
+    queued_at: Option<u64>,
     report: Report,
     /// The number of the first job request made after the report.
     after: u32,
@@ -292,6 +294,10 @@ pub struct Agent {
     job: Option<ActiveJob>,
     transfer: Option<Transfer>,
     request_deadline: Option<Instant>,
+    /// While an HTTP download waits for its job again (for a fresh pre-signed URL): when to
+    /// ask again, and how often it has been asked. The answer can be lost like any other.
+    job_wait_deadline: Option<Instant>,
+    job_wait_attempts: u32,
     self_test_deadline: Option<Instant>,
     momentum: u32,
     request_counter: u32,
@@ -334,6 +340,8 @@ impl Agent {
             job: None,
             transfer: None,
             request_deadline: None,
+            job_wait_deadline: None,
+            job_wait_attempts: 0,
             self_test_deadline: None,
             momentum: 0,
             // Each agent life numbers its job requests from its own random start, so
@@ -436,6 +444,7 @@ impl Agent {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         [
             self.request_deadline,
+            self.job_wait_deadline,
             self.self_test_deadline,
             self.pending.as_ref().map(|(at, _)| *at),
         ]
@@ -464,6 +473,19 @@ impl Agent {
         if self.request_deadline.is_some_and(|d| d <= now) {
             self.request_deadline = None;
             self.signal(AgentEvent::RequestTimer, Data::None);
+        }
+        if self.job_wait_deadline.is_some_and(|d| d <= now) {
+            self.job_wait_deadline = None;
+            if self.transfer.is_none() {
+                // The download ended meanwhile: nothing waits.
+            } else if self.job_wait_attempts >= self.config.max_request_momentum {
+                let r = status::failed_with_value(OtaError::RequestFileBlockFailed.code(), 0);
+                self.fail_transfer(r, "no fresh pre-signed URL came for the download");
+            } else {
+                self.job_wait_attempts += 1;
+                self.job_wait_deadline = Some(now + self.config.request_wait);
+                self.signal(AgentEvent::RequestJobDocument, Data::None);
+            }
         }
         self.drain(now);
     }
@@ -703,6 +725,7 @@ impl Agent {
     /// Releases the transfer: unsubscribe from its topics and let go of the PAL file.
     fn release_transfer(&mut self) {
         self.request_deadline = None;
+        self.job_wait_deadline = None;
         if let Some(t) = self.transfer.take() {
             let ops: &[&str] = if t.url.is_some() {
                 &[]
@@ -777,6 +800,11 @@ impl Agent {
         };
         let job = match parse_job_message(&payload) {
             Ok(JobMessage::NoJob) => {
+                self.job_wait_deadline = None;
+                if self.transfer.is_some() {
+                    // The job being downloaded is gone (canceled or deleted).
+                    self.abandon_transfer();
+                }
                 self.notify(JobEvent::NoActiveJob);
                 if self.running_self_test() {
                     self.reject_unvouched_image("there is no job");
@@ -789,7 +817,9 @@ impl Agent {
             }
             Ok(JobMessage::Ota(job))
                 if self.concluded.as_ref().is_some_and(|c| {
-                    c.job_id == job.job_id && c.execution_number == job.execution_number
+                    c.job_id == job.job_id
+                        && c.execution_number == job.execution_number
+                        && c.queued_at == job.queued_at
                 }) =>
             {
                 // One of this agent's requests made since the verdict (numbers wrap).
@@ -832,6 +862,7 @@ impl Agent {
             self.job = Some(ActiveJob {
                 job_id: job.job_id.clone(),
                 execution_number: job.execution_number,
+                queued_at: job.queued_at,
                 file: job
                     .file_context(self.config.block_size, self.config.max_file_size)
                     .ok(),
@@ -848,6 +879,7 @@ impl Agent {
         match self.transfer.as_ref().map(|t| t.ctx.job_id == job.job_id) {
             // The same job again (after a suspend or a reconnect): keep the transfer.
             Some(true) => {
+                self.job_wait_deadline = None;
                 // An HTTP download takes the fresh pre-signed URL of this delivery.
                 let fresh = job.data_source(
                     &self.config.data_protocols,
@@ -894,6 +926,7 @@ impl Agent {
         self.job = Some(ActiveJob {
             job_id: job_id.clone(),
             execution_number: job.execution_number,
+            queued_at: job.queued_at,
             file: None,
             updated_by: None,
             self_test: false,
@@ -1423,7 +1456,9 @@ impl Agent {
         self.set_image(ImageState::Aborted);
         let r = status::failed(FailReason::Aborted, code.code());
         let reason = Self::reason_of(&r);
-        self.report(&job.job_id, r);
+        self.report(&job.job_id, r.clone());
+        // A document of this execution still on its way must not restart the download.
+        self.remember_final(&job, r);
         self.notify(JobEvent::Fail {
             job_id: job.job_id,
             reason: format!("{reason} ({code})"),
@@ -1472,6 +1507,8 @@ impl Agent {
                 if !t.url_refused {
                     t.url_refused = true;
                     warn!("HTTP {code} for the file: asking for the job again for a fresh URL");
+                    self.job_wait_attempts = 0;
+                    self.job_wait_deadline = Some(self.now + self.config.request_wait);
                     self.signal(AgentEvent::RequestJobDocument, Data::None);
                 } else {
                     let r = status::failed_with_value(
@@ -1483,6 +1520,15 @@ impl Agent {
                         &format!("HTTP {code} for the file even with a fresh URL: {detail}"),
                     );
                 }
+            }
+            // Final answers that asking again will not change: a server that ignores the
+            // Range header, a redirect, an unsatisfiable range.
+            Some(code @ (200 | 300..=399 | 416)) => {
+                let r = status::failed_with_value(
+                    OtaError::RequestFileBlockFailed.code(),
+                    u32::from(code),
+                );
+                self.fail_transfer(r, &format!("HTTP {code} for the file: {detail}"));
             }
             _ => warn!("HTTP download: {detail}; the request timer asks again"),
         }
@@ -1584,6 +1630,7 @@ impl Agent {
         self.concluded = Some(Concluded {
             job_id: job.job_id.clone(),
             execution_number: job.execution_number,
+            queued_at: job.queued_at,
             report,
             after: self.request_counter,
         });

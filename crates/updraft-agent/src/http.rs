@@ -86,7 +86,15 @@ impl Url {
             url: redact(url),
             detail: d.into(),
         };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        // Nothing a job document carries may reach the request line as a control character
+        // or space (a CR/LF would inject headers).
+        if url.bytes().any(|b| b <= 0x20 || b == 0x7f) {
+            return Err(bad("control characters or spaces"));
+        }
+        let url_no_fragment = url.split_once('#').map_or(url, |(u, _)| u);
+        let (scheme, rest) = url_no_fragment
+            .split_once("://")
+            .ok_or_else(|| bad("no scheme"))?;
         let tls = match scheme.to_ascii_lowercase().as_str() {
             "http" => false,
             "https" => true,
@@ -206,6 +214,14 @@ impl Response {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// `Content-Range: bytes FIRST-LAST/...` as (first, last).
+    pub fn content_range(&self) -> Option<(u64, u64)> {
+        let v = self.header("content-range")?.strip_prefix("bytes ")?;
+        let (range, _total) = v.split_once('/')?;
+        let (first, last) = range.split_once('-')?;
+        Some((first.trim().parse().ok()?, last.trim().parse().ok()?))
     }
 }
 
@@ -376,13 +392,22 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
     budget: &mut usize,
 ) -> Result<String, HttpError> {
     let mut line = Vec::new();
-    let n = r.read_until(b'\n', &mut line).await?;
+    // At most `budget` bytes are read, newline or not: a line without end must not grow
+    // without bound.
+    let n = (&mut *r)
+        .take(*budget as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
     if n == 0 {
+        if *budget == 0 {
+            return Err(HttpError::Protocol("response head too large".into()));
+        }
         return Err(HttpError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     }
-    *budget = budget
-        .checked_sub(n)
-        .ok_or_else(|| HttpError::Protocol("response head too large".into()))?;
+    if line.last() != Some(&b'\n') && n == *budget {
+        return Err(HttpError::Protocol("response head too large".into()));
+    }
+    *budget -= n;
     while matches!(line.last(), Some(b'\n' | b'\r')) {
         line.pop();
     }
@@ -390,6 +415,20 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
 }
 
 async fn read_head<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Head, HttpError> {
+    // Interim answers (100 Continue, 103 Early Hints) precede the real one.
+    for _ in 0..MAX_INTERIM {
+        let head = read_one_head(r).await?;
+        if !(100..200).contains(&head.status) {
+            return Ok(head);
+        }
+    }
+    Err(HttpError::Protocol("too many interim (1xx) answers".into()))
+}
+
+/// Interim answers skipped before giving up.
+const MAX_INTERIM: usize = 8;
+
+async fn read_one_head<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Head, HttpError> {
     let mut budget = MAX_HEAD;
     let status_line = read_line(r, &mut budget).await?;
     let mut parts = status_line.splitn(3, ' ');
@@ -478,7 +517,7 @@ async fn read_chunked<R: AsyncBufReadExt + Unpin>(
             while !read_line(r, &mut budget).await?.is_empty() {}
             return Ok(true);
         }
-        if out.len() + size > MAX_BODY {
+        if size > MAX_BODY.saturating_sub(out.len()) {
             return Err(HttpError::Protocol("chunked body too large".into()));
         }
         let before = out.len();
@@ -601,6 +640,17 @@ async fn run_fetch(client: &mut Client, f: &Fetch, sink: &Sink) -> Result<(), Ht
                 continue;
             }
         };
+        // The bytes must be the ones asked for: a proxy answering another range (or a
+        // desynchronised connection) would otherwise write them as the wrong blocks.
+        match resp.content_range() {
+            Some((first, _)) if first == start => {}
+            other => {
+                return Err(HttpError::Protocol(format!(
+                    "a 206 for bytes {start}-{} answered with Content-Range {other:?}",
+                    end - 1
+                )));
+            }
+        }
         let expected = usize::try_from(end - start).unwrap_or(usize::MAX);
         if resp.body.len() > expected {
             return Err(HttpError::Protocol(format!(
@@ -697,6 +747,51 @@ mod tests {
         assert!(!read_chunked(&mut r, &mut body).await.expect("short"));
         let mut r = tokio::io::BufReader::new(&b"SMTP ready\r\n\r\n"[..]);
         assert!(read_head(&mut r).await.is_err());
+        // Interim answers are skipped.
+        let raw = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 206 OK\r\nContent-Length: 1\r\n\r\nz";
+        let mut r = tokio::io::BufReader::new(&raw[..]);
+        let h = read_head(&mut r).await.expect("head");
+        assert_eq!((h.status, h.length), (206, BodyLength::Exact(1)));
+    }
+
+    #[tokio::test]
+    async fn hostile_heads_and_chunks_are_bounded() {
+        // A header line without end stops at the head budget.
+        let mut raw = b"HTTP/1.1 206 OK\r\nX: ".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 10 * MAX_HEAD));
+        let mut r = tokio::io::BufReader::new(&raw[..]);
+        assert!(matches!(
+            read_head(&mut r).await,
+            Err(HttpError::Protocol(_))
+        ));
+        // A chunk size that would overflow is refused, not wrapped.
+        let raw = b"ffffffffffffffff\r\nabc";
+        let mut r = tokio::io::BufReader::new(&raw[..]);
+        let mut body = b"x".to_vec();
+        assert!(matches!(
+            read_chunked(&mut r, &mut body).await,
+            Err(HttpError::Protocol(_))
+        ));
+        assert!(Url::parse("http://h/x\r\nEvil: 1").is_err());
+        assert_eq!(
+            Url::parse("http://h/x?a=1#frag").expect("url").target,
+            "/x?a=1"
+        );
+    }
+
+    #[test]
+    fn content_ranges() {
+        let resp = |v: &str| Response {
+            status: 206,
+            headers: vec![("content-range".into(), v.into())],
+            body: vec![],
+            complete: true,
+        };
+        assert_eq!(
+            resp("bytes 4096-8191/10000").content_range(),
+            Some((4096, 8191))
+        );
+        assert_eq!(resp("bytes */10000").content_range(), None);
     }
 
     /// What the test server does with the next request.
@@ -758,8 +853,14 @@ mod tests {
                         let answer = script.lock().expect("lock").next().unwrap_or(Answer::Good);
                         let (a, b) = range.expect("a Range header");
                         let body = &file[a..=b];
+                        let total = file.len();
                         let head = |status: u16, len: usize| {
-                            format!("HTTP/1.1 {status} X\r\nContent-Length: {len}\r\n\r\n")
+                            let range = if status == 206 {
+                                format!("Content-Range: bytes {a}-{b}/{total}\r\n")
+                            } else {
+                                String::new()
+                            };
+                            format!("HTTP/1.1 {status} X\r\n{range}Content-Length: {len}\r\n\r\n")
                         };
                         let ok = match answer {
                             Answer::Good => {

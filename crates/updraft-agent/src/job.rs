@@ -43,6 +43,9 @@ pub struct OtaJob {
     /// Which execution of the job this is (a retried job has the same id and a higher
     /// number), when the message says.
     pub execution_number: Option<u64>,
+    /// When the execution was queued (`queuedAt`): tells a job deleted and created again
+    /// under the same id (its execution numbers start again at 1) from the old one.
+    pub queued_at: Option<u64>,
     pub status: Option<ExecutionStatus>,
     pub status_details: BTreeMap<String, String>,
     pub document: OtaJobDocument,
@@ -285,6 +288,7 @@ fn classify(
     Ok(JobMessage::Ota(Box::new(OtaJob {
         job_id: job_id.to_owned(),
         execution_number: execution.get("executionNumber").and_then(Value::as_u64),
+        queued_at: execution.get("queuedAt").and_then(Value::as_u64),
         status,
         status_details,
         document,

@@ -701,6 +701,15 @@ struct Booted {
     reports: Arc<Reports>,
 }
 
+impl Drop for Booted {
+    /// A device given up on (timed out) stops for good: a dropped `JoinHandle` would only
+    /// detach its tasks, which could then still change the server's state.
+    fn drop(&mut self) {
+        self.link.abort();
+        self.agent.abort();
+    }
+}
+
 /// What the device's link has seen of its job: whether the service has recorded the
 /// `self_test: ready` report (a job document carrying it came back).
 #[derive(Default)]
@@ -711,6 +720,7 @@ struct Reports {
 impl Booted {
     /// The device powers off: connection and agent go.
     async fn power_off(self) {
+        // Dropping `self` at the end aborts both tasks (see `Drop`).
         self.link.abort();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.handle.stopped()).await;
         self.agent.abort();
@@ -1033,13 +1043,17 @@ pub async fn run_fleet(
     }
     let mut results = Vec::with_capacity(roles.len());
     let mut live = Vec::new();
+    let mut lost = 0usize;
     while let Some(r) = set.join_next().await {
         match r {
             Ok((result, dev)) => {
                 results.push(result);
                 live.extend(dev);
             }
-            Err(e) => tracing::warn!("a device task failed: {e}"),
+            Err(e) => {
+                tracing::warn!("a device task failed: {e}");
+                lost += 1;
+            }
         }
     }
     let wall = start.elapsed();
@@ -1056,6 +1070,9 @@ pub async fn run_fleet(
     for d in live {
         let _ = d.handle.shutdown(false);
         d.power_off().await;
+    }
+    if lost > 0 {
+        anyhow::bail!("{lost} simulated devices crashed (their tasks panicked); see the log");
     }
     let statuses = statuses?;
     let summary = Summary::new(&results, &statuses, wall, &counters);

@@ -1001,3 +1001,31 @@ fn client_tokens_stay_within_64_characters() {
         Some(u32::MAX)
     );
 }
+
+#[test]
+fn a_job_created_again_under_the_same_id_is_a_new_job() {
+    let (mut svc, pal, store, c) = setup(NEW, 3000);
+    svc.tamper_block = Some(2);
+    let mut sim = run_download(&mut svc, &pal, &store, &c);
+    assert_eq!(svc.status, ExecutionStatus::Failed);
+    let gets = svc.gets.len();
+    let updates = svc.updates.len();
+    // The operator deletes the job and creates it again: same id, execution 1 again, but
+    // queued later. It is not the concluded execution: no old verdict, a new download.
+    svc.status = ExecutionStatus::Queued;
+    svc.tamper_block = None;
+    let mut again = svc.execution();
+    again["execution"]["queuedAt"] = json!(2);
+    sim.handle.incoming_bytes(
+        &format!("$aws/things/{THING}/jobs/notify-next"),
+        Bytes::from(again.to_string()),
+    );
+    sim.pump(&mut svc);
+    assert!(svc.gets.len() > gets, "the new job is downloaded");
+    assert!(
+        !svc.updates[updates..].iter().any(|u| u.contains("FAILED")),
+        "the old verdict is not reported for the new job: {:?}",
+        &svc.updates[updates..]
+    );
+    assert!(sim.has_event(|e| matches!(e, JobEvent::Activate { .. })));
+}
