@@ -226,8 +226,8 @@ impl Response {
 }
 
 impl Client {
-    /// A client; `tls` is needed for `https` URLs. `timeout` bounds each exchange
-    /// (connecting included).
+    /// A client; `tls` is needed for `https` URLs. `timeout` bounds getting an answer's
+    /// head (connecting included) and each silence while its body arrives.
     pub fn new(tls: Option<Arc<rustls::ClientConfig>>, timeout: Duration) -> Self {
         Client {
             tls,
@@ -290,12 +290,9 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response, HttpError> {
-        let timeout = self.timeout;
-        let exchange = self.exchange(url, method, headers, body);
-        let r = match tokio::time::timeout(timeout, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(HttpError::Timeout(timeout)),
-        };
+        // The timeout bounds getting an answer's head; its body may take longer as long as
+        // it keeps coming (each read within the timeout): a slow link still progresses.
+        let r = self.exchange(url, method, headers, body).await;
         if !matches!(&r, Ok((_, true))) {
             self.conn = None;
         }
@@ -310,6 +307,65 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<(Response, bool), HttpError> {
+        let timeout = self.timeout;
+        let head = tokio::time::timeout(timeout, self.request_head(url, method, headers, body));
+        let head = match head.await {
+            Ok(h) => h?,
+            Err(_) => return Err(HttpError::Timeout(timeout)),
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(HttpError::Protocol("no connection".into()));
+        };
+        let io = &mut conn.io;
+        if method == "HEAD" {
+            let response = Response {
+                status: head.status,
+                headers: head.headers,
+                body: Vec::new(),
+                complete: true,
+            };
+            return Ok((response, head.keep_alive));
+        }
+        let mut body = Vec::new();
+        let complete = match head.length {
+            BodyLength::Chunked => {
+                match tokio::time::timeout(timeout, read_chunked(io, &mut body)).await {
+                    Ok(r) => r?,
+                    // What arrived is kept; the connection is not reused.
+                    Err(_) => false,
+                }
+            }
+            BodyLength::Exact(n) => {
+                let limit = usize::try_from(n).unwrap_or(usize::MAX);
+                if limit > MAX_BODY {
+                    return Err(HttpError::Protocol(format!("a {n}-byte body")));
+                }
+                read_body(io, &mut body, limit, timeout).await == BodyEnd::Full
+            }
+            BodyLength::UntilClose => {
+                read_body(io, &mut body, MAX_BODY, timeout).await == BodyEnd::Eof
+            }
+        };
+        let reusable = complete && head.keep_alive && head.length != BodyLength::UntilClose;
+        Ok((
+            Response {
+                status: head.status,
+                headers: head.headers,
+                body,
+                complete,
+            },
+            reusable,
+        ))
+    }
+
+    /// Connects (or reuses the connection), sends the request and reads the answer's head.
+    async fn request_head(
+        &mut self,
+        url: &Url,
+        method: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Head, HttpError> {
         self.connect(url).await?;
         let Some(conn) = self.conn.as_mut() else {
             return Err(HttpError::Protocol("no connection".into()));
@@ -334,43 +390,46 @@ impl Client {
         io.write_all(request.as_bytes()).await?;
         io.write_all(body).await?;
         io.flush().await?;
-        let head = read_head(io).await?;
-        if method == "HEAD" {
-            let response = Response {
-                status: head.status,
-                headers: head.headers,
-                body: Vec::new(),
-                complete: true,
-            };
-            return Ok((response, head.keep_alive));
-        }
-        let mut body = Vec::new();
-        let complete = match head.length {
-            BodyLength::Chunked => read_chunked(io, &mut body).await?,
-            BodyLength::Exact(n) => {
-                let limit = usize::try_from(n).unwrap_or(usize::MAX);
-                if limit > MAX_BODY {
-                    return Err(HttpError::Protocol(format!("a {n}-byte body")));
-                }
-                read_up_to(io, &mut body, limit).await?;
-                body.len() == limit
-            }
-            BodyLength::UntilClose => {
-                read_up_to(io, &mut body, MAX_BODY).await?;
-                true
-            }
-        };
-        let reusable = complete && head.keep_alive && head.length != BodyLength::UntilClose;
-        Ok((
-            Response {
-                status: head.status,
-                headers: head.headers,
-                body,
-                complete,
-            },
-            reusable,
-        ))
+        read_head(io).await
     }
+}
+
+/// How reading a body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    /// All the bytes asked for arrived.
+    Full,
+    /// The connection closed first.
+    Eof,
+    /// An error, or no byte for a whole `idle` period.
+    Broken,
+}
+
+/// Reads up to `limit` bytes, each read within `idle`; what arrived is kept however it ends
+/// (the blocks it completes are not fetched again).
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    out: &mut Vec<u8>,
+    limit: usize,
+    idle: Duration,
+) -> BodyEnd {
+    let mut buf = vec![0u8; 16 * 1024];
+    while out.len() < limit {
+        let want = (limit - out.len()).min(buf.len());
+        match tokio::time::timeout(idle, r.read(&mut buf[..want])).await {
+            Ok(Ok(0)) => return BodyEnd::Eof,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => {
+                debug!("HTTP body cut: {e}");
+                return BodyEnd::Broken;
+            }
+            Err(_) => {
+                debug!("HTTP body stalled for {idle:?}");
+                return BodyEnd::Broken;
+            }
+        }
+    }
+    BodyEnd::Full
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -660,6 +719,7 @@ async fn run_fetch(client: &mut Client, f: &Fetch, sink: &Sink) -> Result<(), Ht
         }
         let body = Bytes::from(resp.body);
         let mut offset = 0usize;
+        let before = next;
         while next < end_block {
             let len = usize::try_from((f.file_size - next * bs).min(bs)).unwrap_or(usize::MAX);
             if body.len() - offset < len {
@@ -673,6 +733,10 @@ async fn run_fetch(client: &mut Client, f: &Fetch, sink: &Sink) -> Result<(), Ht
             }
             offset += len;
             next += 1;
+        }
+        if next > before {
+            // Progress: a slow or capped server is not failing.
+            failures = 0;
         }
         if next < end_block {
             failures += 1;
@@ -801,6 +865,8 @@ mod tests {
         /// Half of the body, then the connection closes.
         Short,
         Status(u16),
+        /// The whole body in 1 KiB pieces, 150 ms apart (a slow link).
+        Trickle,
     }
 
     /// A one-file HTTP server on a free port, plain or TLS, answering Range GETs as the
@@ -874,6 +940,17 @@ mod tests {
                                 return;
                             }
                             Answer::Status(s) => io.write_all(head(s, 0).as_bytes()).await.is_ok(),
+                            Answer::Trickle => {
+                                let mut ok =
+                                    io.write_all(head(206, body.len()).as_bytes()).await.is_ok();
+                                for piece in body.chunks(1024) {
+                                    ok = ok
+                                        && io.write_all(piece).await.is_ok()
+                                        && io.flush().await.is_ok();
+                                    tokio::time::sleep(Duration::from_millis(150)).await;
+                                }
+                                ok
+                            }
                         };
                         if !ok || io.flush().await.is_err() {
                             return;
@@ -891,6 +968,15 @@ mod tests {
         file_size: u64,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> (Result<(), HttpError>, Vec<u8>, u64) {
+        fetch_all_within(url, file_size, tls, Duration::from_secs(5)).await
+    }
+
+    async fn fetch_all_within(
+        url: String,
+        file_size: u64,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+    ) -> (Result<(), HttpError>, Vec<u8>, u64) {
         let (shared, _state) = crate::handle::Shared::new();
         let (btx, mut brx) = mpsc::channel(1024);
         let (ctx, _crx) = mpsc::unbounded_channel();
@@ -907,7 +993,7 @@ mod tests {
             block_size: 1000,
             file_size,
         };
-        let mut client = Client::new(tls, Duration::from_secs(5));
+        let mut client = Client::new(tls, timeout);
         let r = run_fetch(&mut client, &fetch, &sink).await;
         drop(btx);
         let mut got = Vec::new();
@@ -946,6 +1032,28 @@ mod tests {
         assert_eq!(&got, f.as_ref());
         // Short (keeps 5 whole blocks), 503, then the rest in one.
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_link_progresses_past_the_exchange_timeout() {
+        // 10.5 KB at ~6.7 KB/s takes ~1.6 s; the timeout is 1 s, but every piece comes
+        // within it.
+        let f = file();
+        let (port, seen) = server(f.clone(), vec![Answer::Trickle], None).await;
+        let (r, got, _) = fetch_all_within(
+            format!("http://127.0.0.1:{port}/b/k"),
+            10_500,
+            None,
+            Duration::from_secs(1),
+        )
+        .await;
+        r.expect("fetched");
+        assert_eq!(&got, f.as_ref());
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "in one request"
+        );
     }
 
     #[tokio::test]
