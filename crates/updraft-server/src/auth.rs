@@ -257,18 +257,18 @@ pub fn verify(
             .unwrap_or_else(|| hex::encode(Sha256::digest(b"")))
     };
     let canonical = canonical_request(req, claim, &payload_hash, s3)?;
-    let scope = format!(
-        "{}/{}/{}/aws4_request",
-        claim.date, claim.region, claim.service
+    if !claim.amz_date.starts_with(&claim.date) {
+        return Err(AuthError::Malformed(
+            "the credential scope's date is not the request's date".into(),
+        ));
+    }
+    let (_, expected) = signature(
+        secret,
+        &claim.amz_date,
+        &claim.region,
+        &claim.service,
+        &canonical,
     );
-    let string_to_sign = format!(
-        "AWS4-HMAC-SHA256\n{}\n{}\n{}",
-        claim.amz_date,
-        scope,
-        hex::encode(Sha256::digest(canonical.as_bytes()))
-    );
-    let key = signing_key(secret, &claim.date, &claim.region, &claim.service);
-    let expected = hex::encode(hmac(&key, string_to_sign.as_bytes()));
     if !constant_time_eq(expected.as_bytes(), claim.signature.as_bytes()) {
         tracing::debug!(%canonical, "SigV4 mismatch");
         return Err(AuthError::SignatureMismatch);
@@ -309,16 +309,31 @@ pub fn presign_s3_get(
     ];
     let query = canonical_query(params.map(|(k, v)| (k.to_owned(), v)));
     let canonical = format!("GET\n{path}\n{query}\nhost:{authority}\n\nhost\n{UNSIGNED_PAYLOAD}");
-    let scope = format!("{date}/{region}/s3/aws4_request");
+    let (_, signature) = signature(secret, &amz_date, region, "s3", &canonical);
+    format!("{base}{path}?{query}&X-Amz-Signature={signature}")
+}
+
+/// The SigV4 signature of a canonical request: `(credential scope, hex signature)`. The
+/// one place the string to sign and the signing key are made, for verifying requests,
+/// pre-signing URLs and Updraft's own clients.
+pub fn signature(
+    secret: &str,
+    amz_date: &str,
+    region: &str,
+    service: &str,
+    canonical_request: &str,
+) -> (String, String) {
+    let date = amz_date.get(..8).unwrap_or(amz_date);
+    let scope = format!("{date}/{region}/{service}/aws4_request");
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        hex::encode(Sha256::digest(canonical.as_bytes()))
+        hex::encode(Sha256::digest(canonical_request.as_bytes()))
     );
     let signature = hex::encode(hmac(
-        &signing_key(secret, date, region, "s3"),
+        &signing_key(secret, date, region, service),
         string_to_sign.as_bytes(),
     ));
-    format!("{base}{path}?{query}&X-Amz-Signature={signature}")
+    (scope, signature)
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -334,11 +349,6 @@ pub fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Vec
     let k = hmac(&k, region.as_bytes());
     let k = hmac(&k, service.as_bytes());
     hmac(&k, b"aws4_request")
-}
-
-/// HMAC-SHA256 for callers outside this module (pre-signed URL generation).
-pub fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
-    hmac(key, data)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

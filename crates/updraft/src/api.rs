@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 use updraft_agent::http::{Client, Url};
-use updraft_server::auth::{hmac_sha256, signing_key, uri_encode};
+use updraft_server::auth::uri_encode;
 
 /// Where the API is and who calls it.
 #[derive(Clone)]
@@ -90,7 +90,6 @@ impl Api {
     ) -> anyhow::Result<updraft_agent::http::Response> {
         let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
         let amz_date = updraft_server::clock::amz_date(updraft_server::clock::now_ms());
-        let date = &amz_date[..8];
         let payload_hash = hex::encode(Sha256::digest(body));
         let canonical_uri = if service == "s3" {
             path_only.to_owned()
@@ -103,14 +102,13 @@ impl Api {
         let canonical = format!(
             "{method}\n{canonical_uri}\n{canonical_query}\nhost:{host}\nx-amz-content-sha256:{payload_hash}\nx-amz-date:{amz_date}\n\nhost;x-amz-content-sha256;x-amz-date\n{payload_hash}"
         );
-        let region = &self.creds.region;
-        let scope = format!("{date}/{region}/{service}/aws4_request");
-        let to_sign = format!(
-            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
+        let (scope, signature) = updraft_server::auth::signature(
+            &self.creds.secret_key,
+            &amz_date,
+            &self.creds.region,
+            service,
+            &canonical,
         );
-        let key = signing_key(&self.creds.secret_key, date, region, service);
-        let signature = hex::encode(hmac_sha256(&key, to_sign.as_bytes()));
         let auth = format!(
             "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}",
             self.creds.access_key
