@@ -802,6 +802,30 @@ fn boot(
     })
 }
 
+/// Once the agent has stopped (a reset), sends what it queued last — its final report —
+/// as a device's MQTT stack does before the reboot: polls until nothing is queued or in
+/// flight, for at most two seconds.
+async fn flush(eventloop: &mut EventLoop) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+            eventloop.poll(),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let idle = eventloop.state.inflight() == 0 && eventloop.pending.is_empty();
+                if idle || tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The device's side of its MQTT connection, like `updraft_agent::mqtt::run_event_loop`
 /// (suspend on a lost connection, resume on the next CONNACK) plus the simulated link's
 /// faults: a delay per block message, and one dropped connection once the agent has
@@ -819,7 +843,10 @@ async fn link(
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         let event = tokio::select! {
-            () = handle.stopped() => return,
+            () = handle.stopped() => {
+                flush(&mut eventloop).await;
+                return;
+            }
             e = eventloop.poll() => Some(e),
             _ = tick.tick(), if disconnect_after.is_some() => None,
         };
