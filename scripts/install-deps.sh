@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Updraft's tests need on a Debian machine: PostgreSQL (server binaries for
-# throw-away test clusters), Mosquitto (the external-broker tests), nginx (the baseline of
-# `updraft bench http`) and the Python venv for the independent-client suite
+# throw-away test clusters), Mosquitto (the external-broker tests) and the Python venv for
+# the independent-client suite
 # (aws CLI, boto3, pytest from PyPI). Safe to run again: it skips what is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +12,6 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   need_apt+=(mosquitto)
-fi
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  need_apt+=(nginx)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
