@@ -1458,6 +1458,53 @@ async fn concurrent_last_executions_complete_the_job(s: Arc<dyn Store>) {
     }
 }
 
+async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
+    // More things than one multi-row statement carries; every third update is stale.
+    let things: Vec<String> = (0..150).map(|i| format!("m{i:03}")).collect();
+    let executions: Vec<JobExecution> = things.iter().map(|t| execution("many", t)).collect();
+    s.create_job(&job("many", TargetSelection::Snapshot, &[]), &executions)
+        .await
+        .expect("create");
+    let writes: Vec<DeviceWrite> = executions
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            e.status = if i % 2 == 0 {
+                ExecutionStatus::InProgress
+            } else {
+                ExecutionStatus::Succeeded
+            };
+            e.started_ms = (i % 4 == 0).then_some(2_000 + i as i64);
+            e.status_details = BTreeMap::from([("i".to_owned(), i.to_string())]);
+            e.updated_ms = 3_000;
+            e.version = if i % 3 == 0 { 5 } else { 2 };
+            DeviceWrite::Update(e)
+        })
+        .collect();
+    let out = s.device_writes(&writes).await.expect("batch");
+    assert_eq!(out.len(), writes.len());
+    for (i, (w, o)) in writes.iter().zip(&out).enumerate() {
+        let DeviceWrite::Update(want) = w else {
+            unreachable!()
+        };
+        let stored = s
+            .get_execution("many", &things[i], None)
+            .await
+            .expect("get")
+            .expect("exists");
+        if i % 3 == 0 {
+            assert_eq!(o, &DeviceWriteOutcome::Updated(false), "{i}");
+            assert_eq!((stored.version, stored.status), (1, ExecutionStatus::Queued));
+        } else {
+            assert_eq!(o, &DeviceWriteOutcome::Updated(true), "{i}");
+            assert_eq!(&stored, want, "{i}");
+        }
+    }
+    let j = s.get_job("many").await.expect("get").expect("exists");
+    assert_eq!(j.status, JobStatus::InProgress, "stale ones are still queued");
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod sqlite {
@@ -1491,6 +1538,7 @@ conformance!(
     snapshot_jobs_complete_when_all_executions_end,
     device_writes_batch_start_next_and_updates,
     concurrent_last_executions_complete_the_job,
+    device_writes_many_things_in_one_batch,
     ota_update_records,
     objects_follow_bucket_versioning,
     object_listing_with_delimiters_and_pages,
