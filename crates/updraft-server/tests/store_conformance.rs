@@ -1495,14 +1495,21 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
             .expect("exists");
         if i % 3 == 0 {
             assert_eq!(o, &DeviceWriteOutcome::Updated(false), "{i}");
-            assert_eq!((stored.version, stored.status), (1, ExecutionStatus::Queued));
+            assert_eq!(
+                (stored.version, stored.status),
+                (1, ExecutionStatus::Queued)
+            );
         } else {
             assert_eq!(o, &DeviceWriteOutcome::Updated(true), "{i}");
             assert_eq!(&stored, want, "{i}");
         }
     }
     let j = s.get_job("many").await.expect("get").expect("exists");
-    assert_eq!(j.status, JobStatus::InProgress, "stale ones are still queued");
+    assert_eq!(
+        j.status,
+        JobStatus::InProgress,
+        "stale ones are still queued"
+    );
 }
 
 macro_rules! conformance {
