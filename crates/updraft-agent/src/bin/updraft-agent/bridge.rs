@@ -145,11 +145,17 @@ async fn carry(
         let _ = tcp.set_nodelay(true);
         connector.connect(name, tcp).await.context("TLS handshake")
     };
-    let mut tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+    let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .context("timed out")??;
     debug!("TLS connection to the broker established");
-    // The broker closing, or rumqttc dropping the connection, ends the copy; both are normal.
-    let _ = tokio::io::copy_bidirectional(&mut local, &mut tls).await;
+    // Either side ending ends both (MQTT has no half-closed connections): when rumqttc gives
+    // up on a silent broker, the TLS connection must not linger until TCP gives up too.
+    let (mut local_read, mut local_write) = local.split();
+    let (mut tls_read, mut tls_write) = tokio::io::split(tls);
+    tokio::select! {
+        _ = tokio::io::copy(&mut local_read, &mut tls_write) => {}
+        _ = tokio::io::copy(&mut tls_read, &mut local_write) => {}
+    }
     Ok(())
 }
