@@ -1159,6 +1159,10 @@ pub async fn execution_statuses(
     }
 }
 
+/// The C agent's report for an image whose signature check failed (`PalStatus::
+/// SignatureCheckFailed`, `IngestResult::SigCheckFail`).
+const SIG_CHECK_FAILED: &str = "0xe3000000: 0xfffffffe";
+
 /// The figures of a run.
 pub struct Summary {
     pub devices: usize,
@@ -1196,7 +1200,12 @@ impl Summary {
         };
         let mut mismatches = Vec::new();
         for r in results {
-            if r.outcome.kind() != r.role.expected().kind() {
+            // A corrupted download must fail its signature check, not anything else.
+            let wrong_reason = match &r.outcome {
+                Outcome::Failed(reason) if r.role.corrupt => !reason.starts_with(SIG_CHECK_FAILED),
+                _ => false,
+            };
+            if r.outcome.kind() != r.role.expected().kind() || wrong_reason {
                 mismatches.push((
                     r.thing.clone(),
                     format!(
