@@ -170,19 +170,7 @@ fn job(id: &str, selection: TargetSelection, targets: &[&str]) -> Job {
 }
 
 fn execution(job: &str, thing: &str) -> JobExecution {
-    JobExecution {
-        job_id: job.into(),
-        thing_name: thing.into(),
-        execution_number: 1,
-        status: ExecutionStatus::Queued,
-        force_canceled: false,
-        status_details: BTreeMap::new(),
-        queued_ms: 1_000,
-        started_ms: None,
-        updated_ms: 1_000,
-        version: 1,
-        retry_attempt: 0,
-    }
+    JobExecution::queued(job, thing, 1_000)
 }
 
 fn object(bucket: &str, key: &str, version: &str, blob: &str) -> ObjectVersion {

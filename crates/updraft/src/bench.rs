@@ -222,18 +222,11 @@ async fn create_fleet(
         };
         let executions: Vec<JobExecution> = things
             .iter()
-            .map(|t| JobExecution {
-                job_id: id.clone(),
-                thing_name: t.clone(),
-                execution_number: 1,
-                status: updraft_protocol::ExecutionStatus::Queued,
-                force_canceled: false,
-                status_details: BTreeMap::new(),
-                queued_ms: now + i64::try_from(r).unwrap_or(0),
-                started_ms: None,
-                updated_ms: now,
-                version: 1,
-                retry_attempt: 0,
+            .map(|t| {
+                // Rounds queue in order: round r's job is the next one for every device.
+                let mut e = JobExecution::queued(&id, t, now);
+                e.queued_ms += i64::try_from(r).unwrap_or(0);
+                e
             })
             .collect();
         state.store.create_job(&job, &executions).await?;

@@ -15,7 +15,7 @@ use updraft_agent::pal::memory::image_with_version;
 use updraft_protocol::job::Protocol;
 use updraft_protocol::otadoc::{OtaFile, OtaJobDocument, Signature, presigned_placeholder};
 use updraft_protocol::streams::base64_encode;
-use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
+use updraft_protocol::{JobStatus, TargetSelection};
 use updraft_server::clock::now_ms;
 use updraft_server::config::{FileConfig, ServerConfig};
 use updraft_server::server::{AppState, Server};
@@ -288,19 +288,7 @@ impl Env {
                     completed_ms: None,
                     version: 1,
                 },
-                &[JobExecution {
-                    job_id: job.clone(),
-                    thing_name: name.into(),
-                    execution_number: 1,
-                    status: ExecutionStatus::Queued,
-                    force_canceled: false,
-                    status_details: BTreeMap::new(),
-                    queued_ms: now,
-                    started_ms: None,
-                    updated_ms: now,
-                    version: 1,
-                    retry_attempt: 0,
-                }],
+                &[JobExecution::queued(&job, name, now)],
             )
             .await
             .expect("job");

@@ -187,12 +187,7 @@ impl DataPlane {
     ) -> crate::store::StoreResult<DeviceWriteOutcome> {
         match self.writer.get() {
             Some(writer) => writer.write(w).await,
-            None => state
-                .store
-                .device_writes(std::slice::from_ref(&w))
-                .await?
-                .pop()
-                .ok_or_else(|| crate::store::StoreError::Invalid("no outcome".into())),
+            None => state.store.device_write(w).await,
         }
     }
 

@@ -67,14 +67,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
                 // Apply them one by one, so each caller gets its own outcome.
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; writing singly");
                 for (w, done) in batch.drain(..) {
-                    let r = store
-                        .device_writes(std::slice::from_ref(&w))
-                        .await
-                        .and_then(|mut o| {
-                            o.pop()
-                                .ok_or_else(|| StoreError::Invalid("no outcome".into()))
-                        });
-                    let _ = done.send(r);
+                    let _ = done.send(store.device_write(w).await);
                 }
             }
         }

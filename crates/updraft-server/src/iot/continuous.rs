@@ -2,7 +2,6 @@
 //! a descendant of one) gets a QUEUED execution; a thing that leaves every target before
 //! starting has its QUEUED execution REMOVED.
 
-use std::collections::BTreeMap;
 use updraft_protocol::job::Actor;
 use updraft_protocol::{ExecutionStatus, JobStatus, ResourceKind, TargetSelection};
 
@@ -68,19 +67,7 @@ pub(crate) async fn thing_joined(state: &AppState, group: &str, thing: &str) -> 
     let now = now_ms();
     let mut queued = false;
     for job in continuous_jobs(state, group).await? {
-        let e = JobExecution {
-            job_id: job.id.clone(),
-            thing_name: thing.to_owned(),
-            execution_number: 1,
-            status: ExecutionStatus::Queued,
-            force_canceled: false,
-            status_details: BTreeMap::new(),
-            queued_ms: now,
-            started_ms: None,
-            updated_ms: now,
-            version: 1,
-            retry_attempt: 0,
-        };
+        let e = JobExecution::queued(&job.id, thing, now);
         queued |= state.store.queue_execution_if_absent(&e).await?;
     }
     if queued {

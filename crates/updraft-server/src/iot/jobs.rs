@@ -192,19 +192,7 @@ pub(crate) async fn create_job(state: &AppState, spec: JobSpec) -> ApiResult<Job
     };
     let executions: Vec<JobExecution> = things
         .into_iter()
-        .map(|thing| JobExecution {
-            job_id: job.id.clone(),
-            thing_name: thing,
-            execution_number: 1,
-            status: ExecutionStatus::Queued,
-            force_canceled: false,
-            status_details: BTreeMap::new(),
-            queued_ms: now,
-            started_ms: None,
-            updated_ms: now,
-            version: 1,
-            retry_attempt: 0,
-        })
+        .map(|thing| JobExecution::queued(&job.id, &thing, now))
         .collect();
     state
         .store

@@ -296,11 +296,10 @@ pub trait JobStore: Send + Sync {
     /// SNAPSHOT job whose executions are then all terminal.
     async fn update_execution(&self, execution: &JobExecution) -> StoreResult<()> {
         match self
-            .device_writes(&[DeviceWrite::Update(execution.clone())])
+            .device_write(DeviceWrite::Update(execution.clone()))
             .await?
-            .first()
         {
-            Some(DeviceWriteOutcome::Updated(true)) => Ok(()),
+            DeviceWriteOutcome::Updated(true) => Ok(()),
             _ => Err(StoreError::VersionConflict(format!(
                 "The execution of job {} on {} was changed concurrently.",
                 execution.job_id, execution.thing_name
@@ -312,6 +311,14 @@ pub trait JobStore: Send + Sync {
     /// write. Updates complete SNAPSHOT jobs whose executions are then all terminal. A
     /// database failure fails them all (and writes none).
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>>;
+
+    /// One device write in its own transaction.
+    async fn device_write(&self, write: DeviceWrite) -> StoreResult<DeviceWriteOutcome> {
+        self.device_writes(std::slice::from_ref(&write))
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Invalid("the store answered no outcome".into()))
+    }
 
     /// Deletes one execution. Without `force`, refuses a non-terminal one.
     async fn delete_execution(
@@ -329,25 +336,6 @@ pub trait JobStore: Send + Sync {
     /// Queues `execution` unless its (job, thing) already has one; returns whether it did.
     /// The job must be IN_PROGRESS (CONTINUOUS jobs picking up a new group member).
     async fn queue_execution_if_absent(&self, execution: &JobExecution) -> StoreResult<bool>;
-
-    /// StartNextPendingJobExecution: the thing's next pending execution; a QUEUED one becomes
-    /// IN_PROGRESS with `status_details` (an IN_PROGRESS one is returned unchanged).
-    async fn start_next_execution(
-        &self,
-        thing: &str,
-        status_details: Option<&BTreeMap<String, String>>,
-        now_ms: i64,
-    ) -> StoreResult<Option<JobExecution>> {
-        let write = DeviceWrite::StartNext {
-            thing: thing.to_owned(),
-            status_details: status_details.cloned(),
-            now_ms,
-        };
-        match self.device_writes(&[write]).await?.pop() {
-            Some(DeviceWriteOutcome::Started(e)) => Ok(e),
-            _ => Err(StoreError::Invalid("start-next wrote nothing".into())),
-        }
-    }
 }
 
 /// Device certificates and thing principals.

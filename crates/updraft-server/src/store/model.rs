@@ -94,6 +94,25 @@ pub struct JobExecution {
     pub retry_attempt: i64,
 }
 
+impl JobExecution {
+    /// A job's first execution on a thing, QUEUED at `now_ms` (version 1).
+    pub fn queued(job_id: &str, thing_name: &str, now_ms: i64) -> JobExecution {
+        JobExecution {
+            job_id: job_id.to_owned(),
+            thing_name: thing_name.to_owned(),
+            execution_number: 1,
+            status: ExecutionStatus::Queued,
+            force_canceled: false,
+            status_details: BTreeMap::new(),
+            queued_ms: now_ms,
+            started_ms: None,
+            updated_ms: now_ms,
+            version: 1,
+            retry_attempt: 0,
+        }
+    }
+}
+
 /// A device's write to its executions, as the data plane hands them to the store in
 /// batches (group commit: one transaction for all the devices waiting).
 #[derive(Debug, Clone, PartialEq)]

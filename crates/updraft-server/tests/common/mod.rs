@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use updraft_protocol::{ExecutionStatus, JobStatus, TargetSelection};
+use updraft_protocol::{JobStatus, TargetSelection};
 use updraft_server::clock::now_ms;
 use updraft_server::config::{FileConfig, ServerConfig};
 use updraft_server::server::{AppState, Server};
@@ -575,19 +575,7 @@ pub async fn create_job(
     };
     let executions: Vec<JobExecution> = things
         .iter()
-        .map(|t| JobExecution {
-            job_id: id.into(),
-            thing_name: (*t).into(),
-            execution_number: 1,
-            status: ExecutionStatus::Queued,
-            force_canceled: false,
-            status_details: BTreeMap::new(),
-            queued_ms,
-            started_ms: None,
-            updated_ms: queued_ms,
-            version: 1,
-            retry_attempt: 0,
-        })
+        .map(|t| JobExecution::queued(id, t, queued_ms))
         .collect();
     state
         .store
