@@ -4,8 +4,8 @@
 //! (SigV4 check, metadata lookup, blob read) against a static file server at its best
 //! (`sendfile`, no access log).
 //!
-//! The client is a minimal HTTP/1.1 keep-alive client on a tokio `TcpStream`: each of N
-//! connections downloads the whole file in sequential `Range` requests, as the FreeRTOS
+//! The client is the device agent's own HTTP/1.1 keep-alive client
+//! (`updraft_agent::http::Client`): each of N connections downloads the whole file in sequential `Range` requests, as the FreeRTOS
 //! HTTP demo does (one block per request, strictly in order). The clients run in this
 //! process, on the runtime that also runs Updraft's server, while nginx has its own
 //! processes: on a small machine that costs Updraft some CPU, so read the ratio as a floor.
@@ -16,9 +16,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+
+use updraft_agent::http::{Client, Url};
 
 use super::tempdir::TempDir;
 use super::{create_object, file_contents, temp_server};
@@ -43,14 +44,10 @@ pub struct HttpArgs {
     nginx: Option<PathBuf>,
 }
 
-/// Where one server serves the file: the address to connect to and the request target.
+/// Where one server serves the file (for Updraft, the pre-signed URL).
 #[derive(Clone)]
 struct Target {
-    addr: SocketAddr,
-    /// `Host` header value.
-    host: String,
-    /// Path and query (the pre-signed query for Updraft).
-    path: String,
+    url: Url,
 }
 
 pub async fn run(a: HttpArgs) -> anyhow::Result<()> {
@@ -68,9 +65,7 @@ pub async fn run(a: HttpArgs) -> anyhow::Result<()> {
     let root = TempDir::new()?;
     let nginx = Nginx::start(a.nginx.as_deref(), &root.path, &data).await?;
     let nginx_target = Target {
-        addr: nginx.addr,
-        host: nginx.addr.to_string(),
-        path: "/bench/fw.bin".into(),
+        url: Url::parse(&format!("http://{}/bench/fw.bin", nginx.addr))?,
     };
 
     println!(
@@ -154,14 +149,8 @@ async fn updraft_target(state: &updraft_server::server::AppState) -> anyhow::Res
     let doc: serde_json::Value =
         serde_json::from_str(&state.data_plane.substitute_presigned_urls(&job).await)?;
     let url = doc["url"].as_str().context("no URL in the document")?;
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("not a plain HTTP URL: {url}"))?;
-    let (authority, path) = rest.split_at(rest.find('/').context("URL without a path")?);
     Ok(Target {
-        addr: authority.parse().context("URL authority")?,
-        host: authority.to_owned(),
-        path: path.to_owned(),
+        url: Url::parse(url)?,
     })
 }
 
@@ -172,20 +161,33 @@ async fn download_all(
     range: usize,
     data: &Arc<Vec<u8>>,
 ) -> anyhow::Result<Duration> {
+    // The same HTTP client for both servers: the device agent's. Each connection is opened
+    // (by a first one-byte request) before the clock starts.
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
-        conns.push(Conn::open(target).await?);
+        let mut c = Client::new(None, Duration::from_secs(30));
+        c.get_range(&target.url, 0, 0).await?;
+        conns.push(c);
     }
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
     for mut c in conns {
         let data = data.clone();
+        let url = target.url.clone();
         tasks.push(tokio::spawn(async move {
             let mut offset = 0;
             while offset < data.len() {
                 let end = (offset + range).min(data.len());
-                let body = c.get_range(offset, end).await?;
-                if *body != data[offset..end] {
+                let resp = c.get_range(&url, offset as u64, end as u64 - 1).await?;
+                if resp.status != 206 {
+                    bail!(
+                        "status {} for bytes {offset}-{}: {}",
+                        resp.status,
+                        end - 1,
+                        String::from_utf8_lossy(&resp.body)
+                    );
+                }
+                if resp.body != data[offset..end] {
                     bail!("bytes {offset}..{end} differ from the file");
                 }
                 offset = end;
@@ -197,69 +199,6 @@ async fn download_all(
         t.await??;
     }
     Ok(start.elapsed())
-}
-
-/// One keep-alive HTTP/1.1 connection.
-struct Conn {
-    io: BufReader<TcpStream>,
-    target: Target,
-    body: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(target: &Target) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(target.addr)
-            .await
-            .with_context(|| format!("connecting to {}", target.addr))?;
-        stream.set_nodelay(true)?;
-        Ok(Conn {
-            io: BufReader::with_capacity(64 * 1024, stream),
-            target: target.clone(),
-            body: Vec::new(),
-        })
-    }
-
-    /// GETs bytes `start..end` (end exclusive); only 206 with exactly those bytes is success.
-    async fn get_range(&mut self, start: usize, end: usize) -> anyhow::Result<&[u8]> {
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\nConnection: keep-alive\r\n\r\n",
-            self.target.path,
-            self.target.host,
-            start,
-            end - 1
-        );
-        self.io.get_mut().write_all(req.as_bytes()).await?;
-        let mut line = String::new();
-        self.io.read_line(&mut line).await?;
-        let status = line.split(' ').nth(1).unwrap_or("").to_owned();
-        let mut length = None;
-        loop {
-            line.clear();
-            if self.io.read_line(&mut line).await? == 0 {
-                bail!("connection closed in the response headers");
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = Some(value.trim().parse::<usize>()?);
-            }
-        }
-        let length = length.context("response without Content-Length")?;
-        self.body.resize(length, 0);
-        self.io.read_exact(&mut self.body).await?;
-        if status != "206" {
-            bail!(
-                "status {status} for bytes {start}-{}: {}",
-                end - 1,
-                String::from_utf8_lossy(&self.body)
-            );
-        }
-        Ok(&self.body)
-    }
 }
 
 /// nginx serving `<root>/www/bench/fw.bin` on a free loopback port, as a child process.
