@@ -1383,19 +1383,20 @@ async fn device_writes_batch_start_next_and_updates(s: Arc<dyn Store>) {
         ])
         .await
         .expect("batch");
+    let b2_started = started(&out[4]).expect("b2 started");
+    assert_eq!(
+        b2_started.job_id, "b2",
+        "later writes in a batch see earlier ones"
+    );
+    // Ending an execution answers with the thing's pending list as the batch left it.
     assert_eq!(
         out[..4],
         [
-            DeviceWriteOutcome::Updated(true),
+            DeviceWriteOutcome::Ended(vec![b2_started.clone()]),
             DeviceWriteOutcome::Updated(false),
             DeviceWriteOutcome::Updated(false),
-            DeviceWriteOutcome::Updated(true),
+            DeviceWriteOutcome::Ended(vec![]),
         ]
-    );
-    assert_eq!(
-        started(&out[4]).map(|e| e.job_id),
-        Some("b2".to_owned()),
-        "later writes in a batch see earlier ones"
     );
     assert_eq!(
         s.get_execution("b1", "d", None).await.expect("get"),
@@ -1438,7 +1439,7 @@ async fn concurrent_last_executions_complete_the_job(s: Arc<dyn Store>) {
         for t in tasks {
             assert_eq!(
                 t.await.expect("task").expect("write"),
-                [DeviceWriteOutcome::Updated(true)]
+                [DeviceWriteOutcome::Ended(vec![])]
             );
         }
         let j = s.get_job(&id).await.expect("get").expect("exists");
@@ -1488,7 +1489,12 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
                 (1, ExecutionStatus::Queued)
             );
         } else {
-            assert_eq!(o, &DeviceWriteOutcome::Updated(true), "{i}");
+            let outcome = if want.status.is_terminal() {
+                DeviceWriteOutcome::Ended(vec![])
+            } else {
+                DeviceWriteOutcome::Updated(true)
+            };
+            assert_eq!(o, &outcome, "{i}");
             assert_eq!(&stored, want, "{i}");
         }
     }
@@ -1498,6 +1504,46 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
         JobStatus::InProgress,
         "stale ones are still queued"
     );
+
+    // StartNext for every thing in one batch: the still queued ones start, the ones in
+    // progress come back as they are, the ended ones have nothing pending.
+    let starts: Vec<DeviceWrite> = things
+        .iter()
+        .map(|t| DeviceWrite::StartNext {
+            thing: t.clone(),
+            status_details: None,
+            now_ms: 5_000,
+        })
+        .collect();
+    let out = s.device_writes(&starts).await.expect("start batch");
+    for (i, o) in out.iter().enumerate() {
+        let DeviceWriteOutcome::Started(started) = o else {
+            panic!("{i}: {o:?}");
+        };
+        let stored = s
+            .get_execution("many", &things[i], None)
+            .await
+            .expect("get")
+            .expect("exists");
+        if i % 3 == 0 {
+            let e = started.as_ref().expect("queued one started");
+            assert_eq!(
+                (e.status, e.version, e.started_ms),
+                (ExecutionStatus::InProgress, 2, Some(5_000)),
+                "{i}"
+            );
+            assert_eq!(&stored, e, "{i}");
+        } else if i % 2 == 0 {
+            assert_eq!(
+                started.as_ref(),
+                Some(&stored),
+                "{i}: in progress as it was"
+            );
+            assert_eq!(stored.version, 2, "{i}");
+        } else {
+            assert_eq!(started, &None, "{i}: nothing pending");
+        }
+    }
 }
 
 macro_rules! conformance {

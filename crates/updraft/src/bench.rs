@@ -1,5 +1,8 @@
 //! `updraft bench`: data-plane throughput, measured side by side with a raw broker
-//! round-trip in the same run, so the figure says what Updraft's own work costs.
+//! round-trip in the same run, so the figure says what Updraft's own work costs. For the
+//! Jobs API the raw figure is a request/response through the same broker code with an
+//! in-process responder that answers at once (and, for reference, broker reflection with
+//! no responder at all).
 //!
 //! Each benchmark starts a server in-process on a temporary data directory (SQLite, the
 //! embedded broker, free loopback ports) and drives it with N real MQTT clients.
@@ -245,42 +248,95 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     );
     let things = create_fleet(&state, a.devices, a.rounds).await?;
 
-    // Raw broker round trips: each device echoes through its own topic, same count and order.
-    let echo = {
-        let mut clients = Vec::new();
-        for t in &things {
-            clients.push(connect(port, t, &[format!("$aws/things/{t}/echo")]).await?);
+    // The Jobs API: each device works through its jobs, one request at a time.
+    let (jobs_elapsed, answers) = work_jobs(port, &things, a.rounds).await?;
+    for r in 0..a.rounds {
+        let counts = state
+            .store
+            .count_executions(&format!("bench-job-{r}"))
+            .await?;
+        let ok = counts
+            .get(&updraft_protocol::ExecutionStatus::Succeeded)
+            .copied()
+            .unwrap_or(0);
+        if ok != i64::try_from(a.devices).unwrap_or(0) {
+            bail!("bench-job-{r}: {ok} of {} executions succeeded", a.devices);
         }
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for (t, mut c) in things.iter().cloned().zip(clients) {
-            let rounds = a.rounds;
-            tasks.push(tokio::spawn(async move {
-                let topic = format!("$aws/things/{t}/echo");
-                for _ in 0..rounds * 3 {
-                    c.request(&topic, br#"{"status":"IN_PROGRESS"}"#.to_vec(), &topic)
-                        .await?;
-                }
-                c.client.disconnect().await?;
-                anyhow::Ok(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        start.elapsed()
-    };
+    }
+    let (started, updated) = answers.into_iter().next().context("no job ran")?;
 
+    let reflected = reflection(port, &things, a.rounds * 3).await?;
+    let echoed = request_response(&things, a.rounds, started, updated).await?;
+    let requests = (a.devices * a.rounds * 3) as f64;
+    let rate = |d: Duration| requests / d.as_secs_f64();
+    println!(
+        "  broker reflection : {:>10.0} round-trips/s ({:.2} s; no responder)",
+        rate(reflected),
+        reflected.as_secs_f64()
+    );
+    println!(
+        "  request/response  : {:>10.0} round-trips/s ({:.2} s; in-process echo)",
+        rate(echoed),
+        echoed.as_secs_f64()
+    );
+    println!(
+        "  jobs API          : {:>10.0} updates/s     ({:.2} s)",
+        rate(jobs_elapsed),
+        jobs_elapsed.as_secs_f64()
+    );
+    println!(
+        "  ratio             : {:>10.2} (of request/response; {:.2} of reflection)",
+        rate(jobs_elapsed) / rate(echoed),
+        rate(jobs_elapsed) / rate(reflected)
+    );
+    Ok(())
+}
+
+/// Runs `work` for each of `things` at once, each device on its own connection to
+/// `port`; how long they all took, and what each returned.
+async fn on_every_device<F, Fut, T>(
+    port: u16,
+    things: &[String],
+    subscribe: impl Fn(&str) -> Vec<String>,
+    work: F,
+) -> anyhow::Result<(Duration, Vec<T>)>
+where
+    F: Fn(String, Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
     let mut clients = Vec::new();
-    for t in &things {
-        clients.push(connect(port, t, &[]).await?);
+    for t in things {
+        clients.push(connect(port, t, &subscribe(t)).await?);
     }
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (t, mut c) in things.iter().cloned().zip(clients) {
-        let rounds = a.rounds;
-        tasks.push(tokio::spawn(async move {
+    let tasks: Vec<_> = things
+        .iter()
+        .cloned()
+        .zip(clients)
+        .map(|(t, c)| tokio::spawn(work(t, c)))
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        results.push(t.await??);
+    }
+    Ok((start.elapsed(), results))
+}
+
+/// Every device works through `rounds` jobs (start-next, IN_PROGRESS, SUCCEEDED), one
+/// request at a time; the last start-next and update answers of each.
+async fn work_jobs(
+    port: u16,
+    things: &[String],
+    rounds: usize,
+) -> anyhow::Result<(Duration, Vec<(Bytes, Bytes)>)> {
+    on_every_device(
+        port,
+        things,
+        |_| Vec::new(),
+        move |t, mut c| async move {
             let base = format!("$aws/things/{t}/jobs");
+            let mut answers = (Bytes::new(), Bytes::new());
             for _ in 0..rounds {
                 let started = c
                     .request(
@@ -298,42 +354,74 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                 let accepted = format!("{topic}/accepted");
                 c.request(&topic, br#"{"status":"IN_PROGRESS"}"#.to_vec(), &accepted)
                     .await?;
-                c.request(&topic, br#"{"status":"SUCCEEDED"}"#.to_vec(), &accepted)
+                let updated = c
+                    .request(&topic, br#"{"status":"SUCCEEDED"}"#.to_vec(), &accepted)
+                    .await?;
+                answers = (started, updated);
+            }
+            c.client.disconnect().await?;
+            anyhow::Ok(answers)
+        },
+    )
+    .await
+}
+
+/// Broker reflection: each device publishes on a topic it subscribes to and waits for its
+/// own message, `count` times — one broker hop each way, no responder.
+async fn reflection(port: u16, things: &[String], count: usize) -> anyhow::Result<Duration> {
+    let echo = |t: &str| format!("$aws/things/{t}/echo");
+    let (elapsed, _) = on_every_device(
+        port,
+        things,
+        |t| vec![echo(t)],
+        move |t, mut c| async move {
+            let topic = echo(&t);
+            for _ in 0..count {
+                c.request(&topic, br#"{"status":"IN_PROGRESS"}"#.to_vec(), &topic)
                     .await?;
             }
+            c.client.disconnect().await?;
             anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let jobs_elapsed = start.elapsed();
-    let requests = (a.devices * a.rounds * 3) as f64;
-    let jobs_rate = requests / jobs_elapsed.as_secs_f64();
-    let echo_rate = requests / echo.as_secs_f64();
-    println!(
-        "  raw broker echo : {echo_rate:>10.0} round-trips/s ({:.2} s)",
-        echo.as_secs_f64()
-    );
-    println!(
-        "  jobs API        : {jobs_rate:>10.0} updates/s     ({:.2} s)",
-        jobs_elapsed.as_secs_f64()
-    );
-    println!("  ratio           : {:>10.2}", jobs_rate / echo_rate);
-    for r in 0..a.rounds {
-        let counts = state
-            .store
-            .count_executions(&format!("bench-job-{r}"))
-            .await?;
-        let ok = counts
-            .get(&updraft_protocol::ExecutionStatus::Succeeded)
-            .copied()
-            .unwrap_or(0);
-        if ok != i64::try_from(a.devices).unwrap_or(0) {
-            bail!("bench-job-{r}: {ok} of {} executions succeeded", a.devices);
+        },
+    )
+    .await?;
+    Ok(elapsed)
+}
+
+/// The raw request/response the Jobs API is measured against: a second embedded broker
+/// (the same code, authorizing anyone) whose device requests go to an in-process responder
+/// that answers each at once with a recorded Jobs answer of its kind (`started` for
+/// start-next, `updated` for an update). The devices run the very same requests as against
+/// the Jobs API, so topics, sizes and order are the same; what is left out is exactly the
+/// Jobs API's own work.
+async fn request_response(
+    things: &[String],
+    rounds: usize,
+    started: Bytes,
+    updated: Bytes,
+) -> anyhow::Result<Duration> {
+    use updraft_server::mqtt::MessageBus;
+    use updraft_server::mqtt::broker::{Authorizer, Broker, BrokerConfig};
+    let (inbound_tx, mut inbound) = mpsc::channel::<updraft_server::mqtt::Inbound>(8192);
+    let anyone: Authorizer = std::sync::Arc::new(|_| Box::pin(async { true }));
+    let broker = Broker::new(BrokerConfig::default(), anyone, inbound_tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let server = tokio::spawn(broker.clone().serve_tcp(listener));
+    let responder = tokio::spawn(async move {
+        while let Some(m) = inbound.recv().await {
+            let answer = if m.topic.ends_with("/start-next") {
+                started.clone()
+            } else {
+                updated.clone()
+            };
+            broker.send_to(&m.client_id, format!("{}/accepted", m.topic), answer);
         }
-    }
-    Ok(())
+    });
+    let measured = work_jobs(port, things, rounds).await;
+    server.abort();
+    responder.abort();
+    Ok(measured?.0)
 }
 
 /// `size` bytes of a fixed pseudo-random pattern (the file every benchmark downloads).

@@ -10,7 +10,7 @@ use updraft_protocol::{ExecutionStatus, TransitionError};
 
 use crate::clock::now_ms;
 use crate::server::AppState;
-use crate::store::{JobExecution, StoreError};
+use crate::store::{DeviceWriteOutcome, JobExecution, StoreError};
 
 /// The error codes of the Jobs device API (MQTT `rejected` bodies use them verbatim).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,31 +267,41 @@ pub async fn update(
             Err(_) if from_cache => continue,
             Err(err) => return Err(err),
         };
-        match state.data_plane.write_execution(state, &e).await {
-            Ok(true) => {
-                // `notify` is due when the execution leaves the pending list; `notify-next`
-                // also when a QUEUED execution that was not the head starts and becomes it.
-                if from != e.status && (e.status.is_terminal() || from == ExecutionStatus::Queued) {
+        let written = match state.data_plane.write_execution(state, &e).await? {
+            DeviceWriteOutcome::Ended(pending) => {
+                // The execution left the pending list: `notify`, and `notify-next` if it
+                // was the head.
+                state
+                    .data_plane
+                    .pending_changed(state, thing, &pending)
+                    .await;
+                true
+            }
+            DeviceWriteOutcome::Updated(true) => {
+                // A QUEUED execution that starts may become the head (`notify-next`).
+                if from == ExecutionStatus::Queued && e.status != from {
                     state.data_plane.thing_changed(state, thing).await;
                 }
-                let document = if req.include_job_document {
-                    Some(deliver(state, e.clone()).await?.document)
-                } else {
-                    None
-                };
-                return Ok(UpdateOutcome {
-                    execution: e,
-                    document,
-                });
+                true
             }
-            Ok(false) if req.expected_version.is_none() || from_cache => continue,
-            Ok(false) => {
-                return Err(JobsError::new(
-                    JobsErrorCode::VersionMismatch,
-                    "The execution was changed concurrently",
-                ));
-            }
-            Err(other) => return Err(other.into()),
+            _ => false,
+        };
+        if written {
+            let document = if req.include_job_document {
+                Some(deliver(state, e.clone()).await?.document)
+            } else {
+                None
+            };
+            return Ok(UpdateOutcome {
+                execution: e,
+                document,
+            });
+        }
+        if req.expected_version.is_some() && !from_cache {
+            return Err(JobsError::new(
+                JobsErrorCode::VersionMismatch,
+                "The execution was changed concurrently",
+            ));
         }
     }
     Err(JobsError::new(

@@ -191,23 +191,23 @@ impl DataPlane {
         }
     }
 
-    /// Writes a device's execution update: `Ok(false)` when the stored version moved on.
+    /// Writes a device's execution update: `Updated(false)` when the stored version moved
+    /// on, `Ended` with the thing's pending list when it ended the execution.
     pub async fn write_execution(
         &self,
         state: &AppState,
         e: &JobExecution,
-    ) -> crate::store::StoreResult<bool> {
-        let written = matches!(
-            self.device_write(state, DeviceWrite::Update(e.clone()))
-                .await?,
-            DeviceWriteOutcome::Updated(true)
-        );
-        if written {
-            self.remember_execution(e);
-        } else {
-            self.forget_execution(&e.thing_name, &e.job_id);
+    ) -> crate::store::StoreResult<DeviceWriteOutcome> {
+        let outcome = self
+            .device_write(state, DeviceWrite::Update(e.clone()))
+            .await?;
+        match outcome {
+            DeviceWriteOutcome::Updated(true) | DeviceWriteOutcome::Ended(_) => {
+                self.remember_execution(e)
+            }
+            _ => self.forget_execution(&e.thing_name, &e.job_id),
         }
-        Ok(written)
+        Ok(outcome)
     }
 
     /// StartNextPendingJobExecution for `thing`, group-committed.
@@ -486,6 +486,14 @@ impl DataPlane {
         }
     }
 
+    /// Announces `thing`'s pending list as a write's transaction left it (see
+    /// [`DeviceWriteOutcome::Ended`]).
+    pub async fn pending_changed(&self, state: &AppState, thing: &str, pending: &[JobExecution]) {
+        if let Some(bus) = self.bus.get() {
+            notify::publish(state, bus.as_ref(), &self.heads, thing, pending).await;
+        }
+    }
+
     /// Announces changes for many things (a new job, a cancel), in the background.
     pub fn things_changed(&self, state: &AppState, things: Vec<String>) {
         if self.bus.get().is_none() || things.is_empty() {
@@ -519,6 +527,9 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
         .set(writer::DeviceWriter::spawn(state.store.clone()));
     let mut senders = Vec::with_capacity(workers);
     for _ in 0..workers {
+        // The capacity is a bound, not an allocation (tokio's channels grow in blocks):
+        // room for a device's whole burst, so one bursting device does not stall the
+        // dispatcher for everyone.
         let (tx, mut rx) = mpsc::channel::<Inbound>(1024);
         senders.push(tx);
         let state = state.clone();

@@ -1,6 +1,8 @@
 //! `notify` and `notify-next`: what a device hears when its pending executions change.
 //!
 //! `notify` carries the pending list (IN_PROGRESS first, then QUEUED; at most 10).
+//! A device's own write that ended an execution hands over the list its transaction left;
+//! other changes read it.
 //! `notify-next` is sent only when the head of that list changes, with the new head's
 //! execution and document, or just a timestamp when nothing is pending any more.
 
@@ -14,6 +16,7 @@ use super::jobs_mqtt::{execution_json, summary_json};
 use crate::clock::now_ms;
 use crate::mqtt::MessageBus;
 use crate::server::AppState;
+use crate::store::{ENDED_PENDING_LIMIT, JobExecution};
 
 pub(super) async fn announce(
     state: &AppState,
@@ -21,13 +24,24 @@ pub(super) async fn announce(
     heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
     thing: &str,
 ) {
-    let pending = match state.store.pending_executions(thing, 10).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(thing, error = %e, "cannot compute notifications");
-            return;
-        }
-    };
+    match state
+        .store
+        .pending_executions(thing, ENDED_PENDING_LIMIT)
+        .await
+    {
+        Ok(pending) => publish(state, bus, heads, thing, &pending).await,
+        Err(e) => tracing::warn!(thing, error = %e, "cannot compute notifications"),
+    }
+}
+
+/// Announces `pending`, `thing`'s pending list as just read.
+pub(super) async fn publish(
+    state: &AppState,
+    bus: &dyn MessageBus,
+    heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
+    thing: &str,
+    pending: &[JobExecution],
+) {
     let timestamp = now_ms() / 1000;
     let mut jobs = Map::new();
     for status in [ExecutionStatus::InProgress, ExecutionStatus::Queued] {

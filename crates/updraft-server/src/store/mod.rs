@@ -299,7 +299,7 @@ pub trait JobStore: Send + Sync {
             .device_write(DeviceWrite::Update(execution.clone()))
             .await?
         {
-            DeviceWriteOutcome::Updated(true) => Ok(()),
+            DeviceWriteOutcome::Updated(true) | DeviceWriteOutcome::Ended(_) => Ok(()),
             _ => Err(StoreError::VersionConflict(format!(
                 "The execution of job {} on {} was changed concurrently.",
                 execution.job_id, execution.thing_name

@@ -128,11 +128,30 @@ pub enum DeviceWrite {
     },
 }
 
+impl DeviceWrite {
+    /// The thing whose executions the write changes.
+    pub fn thing(&self) -> &str {
+        match self {
+            DeviceWrite::Update(e) => &e.thing_name,
+            DeviceWrite::StartNext { thing, .. } => thing,
+        }
+    }
+}
+
+/// How many of a thing's pending executions [`DeviceWriteOutcome::Ended`] carries (as
+/// many as a `notify` message lists).
+pub const ENDED_PENDING_LIMIT: usize = 10;
+
 /// What one [`DeviceWrite`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceWriteOutcome {
-    /// Whether the update was written (`false`: the stored version had moved on).
+    /// Whether the update was written (`false`: the stored version had moved on). A
+    /// written update to a terminal status is [`DeviceWriteOutcome::Ended`] instead.
     Updated(bool),
+    /// The update was written and ended the execution, which so left its thing's pending
+    /// list: that list as the batch's transaction left it (IN_PROGRESS first, then QUEUED
+    /// by queue time; at most [`ENDED_PENDING_LIMIT`]), for the thing's `notify`.
+    Ended(Vec<JobExecution>),
     /// The execution started, or the one already in progress; `None` when nothing is pending.
     Started(Option<JobExecution>),
 }

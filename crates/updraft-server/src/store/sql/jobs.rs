@@ -36,68 +36,6 @@ impl SqlStore {
         row.as_ref().map(row_job).transpose()
     }
 
-    /// Writes `e` if its stored version is `e.version - 1`; whether it did. The queue time
-    /// must match too: it never changes, so it tells a re-created job's execution from the
-    /// one `e` was read from.
-    async fn update_execution_in(&self, tx: &mut Tx, e: &JobExecution) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE job_executions SET status = $4, force_canceled = $5, status_details = $6, started_ms = $7, \
-             updated_ms = $8, version = $9 WHERE job_id = $1 AND thing_name = $2 AND execution_number = $3 \
-             AND version = $10 AND queued_ms = $11",
-        )
-        .bind(&e.job_id)
-        .bind(&e.thing_name)
-        .bind(e.execution_number)
-        .bind(e.status.as_str())
-        .bind(flag(e.force_canceled))
-        .bind(to_json(&e.status_details)?)
-        .bind(e.started_ms)
-        .bind(e.updated_ms)
-        .bind(e.version)
-        .bind(e.version - 1)
-        .bind(e.queued_ms)
-        .execute(&mut **tx)
-        .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// StartNext inside a transaction: the thing's next pending execution, started.
-    async fn start_next_in(
-        &self,
-        tx: &mut Tx,
-        thing: &str,
-        status_details: Option<&BTreeMap<String, String>>,
-        now_ms: i64,
-    ) -> StoreResult<Option<JobExecution>> {
-        let row = sqlx::query(self.locked(&format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
-             AND status IN ('IN_PROGRESS', 'QUEUED') \
-             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT 1"
-        )))
-        .bind(thing)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(mut e) = row.as_ref().map(row_execution).transpose()? else {
-            return Ok(None);
-        };
-        if e.status == ExecutionStatus::Queued {
-            e.status = ExecutionStatus::InProgress;
-            e.started_ms = Some(now_ms);
-            e.updated_ms = now_ms;
-            if let Some(d) = status_details {
-                e.status_details = d.clone();
-            }
-            e.version += 1;
-            if !self.update_execution_in(tx, &e).await? {
-                return Err(StoreError::VersionConflict(format!(
-                    "The execution of job {} on {thing} changed while it was started.",
-                    e.job_id
-                )));
-            }
-        }
-        Ok(Some(e))
-    }
-
     /// One keyset-paged listing of executions: a job's (in thing order) or a thing's (in
     /// job order, optionally of one job), then by execution number.
     async fn list_executions(
@@ -209,10 +147,12 @@ impl SqlStore {
         // end the last two executions would otherwise each see the other's as still pending
         // and neither complete the job; behind the lock, the second one's UPDATE takes a
         // fresh snapshot that sees the first one's commit. (SQLite serializes writers.)
-        sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
-            .bind(job_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
+                .bind(job_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        }
         sqlx::query(
             "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
              WHERE job_id = $1 AND status = 'IN_PROGRESS' AND target_selection = 'SNAPSHOT' \
@@ -248,19 +188,19 @@ fn row_job(r: &AnyRow) -> StoreResult<Job> {
 }
 
 fn row_execution(r: &AnyRow) -> StoreResult<JobExecution> {
-    Ok(JobExecution {
-        job_id: r.try_get("job_id")?,
-        thing_name: r.try_get("thing_name")?,
-        execution_number: r.try_get("execution_number")?,
-        status: parse_enum(&r.try_get::<String, _>("status")?)?,
-        force_canceled: r.try_get::<i64, _>("force_canceled")? != 0,
-        status_details: from_json(&r.try_get::<String, _>("status_details")?)?,
-        queued_ms: r.try_get("queued_ms")?,
-        started_ms: r.try_get("started_ms")?,
-        updated_ms: r.try_get("updated_ms")?,
-        version: r.try_get("version")?,
-        retry_attempt: r.try_get("retry_attempt")?,
-    })
+    execution_from((
+        r.try_get("job_id")?,
+        r.try_get("thing_name")?,
+        r.try_get("execution_number")?,
+        r.try_get("status")?,
+        r.try_get("force_canceled")?,
+        r.try_get("status_details")?,
+        r.try_get("queued_ms")?,
+        r.try_get("started_ms")?,
+        r.try_get("updated_ms")?,
+        r.try_get("version")?,
+        r.try_get("retry_attempt")?,
+    ))
 }
 
 /// Splits an execution page position `thing/number`.
@@ -486,51 +426,7 @@ impl JobStore for SqlStore {
     }
 
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
-        let mut tx = self.begin().await?;
-        if self.dialect == Dialect::Postgres {
-            // Jobs before executions, in job id order, as CancelJob and DeleteJob lock them:
-            // a batch that may complete a job does not take that job's row last.
-            let jobs: BTreeSet<&str> = writes
-                .iter()
-                .filter_map(|w| match w {
-                    DeviceWrite::Update(e) => Some(e.job_id.as_str()),
-                    DeviceWrite::StartNext { .. } => None,
-                })
-                .collect();
-            for job_id in jobs {
-                sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
-                    .bind(job_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            }
-        }
-        let mut outcomes = Vec::with_capacity(writes.len());
-        let mut ended_jobs: BTreeMap<&str, i64> = BTreeMap::new();
-        for w in writes {
-            outcomes.push(match w {
-                DeviceWrite::Update(e) => {
-                    let ok = self.update_execution_in(&mut tx, e).await?;
-                    // Only a terminal execution can be the last one a SNAPSHOT job waited for.
-                    if ok && e.status.is_terminal() {
-                        ended_jobs.insert(&e.job_id, e.updated_ms);
-                    }
-                    DeviceWriteOutcome::Updated(ok)
-                }
-                DeviceWrite::StartNext {
-                    thing,
-                    status_details,
-                    now_ms,
-                } => DeviceWriteOutcome::Started(
-                    self.start_next_in(&mut tx, thing, status_details.as_ref(), *now_ms)
-                        .await?,
-                ),
-            });
-        }
-        for (job_id, at) in ended_jobs {
-            self.complete_if_done(&mut tx, job_id, at).await?;
-        }
-        tx.commit().await?;
-        Ok(outcomes)
+        self.device_batch(writes).await
     }
 
     async fn delete_execution(
@@ -578,18 +474,7 @@ impl JobStore for SqlStore {
         thing: &str,
         limit: usize,
     ) -> StoreResult<Vec<JobExecution>> {
-        // The limit is part of the statement text, not a parameter: SQLite plans with a
-        // bound LIMIT's value, so every rebinding would make it prepare the statement again
-        // (the callers use a handful of limits, each one cached statement).
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = $1 \
-             AND status IN ('IN_PROGRESS', 'QUEUED') \
-             ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, queued_ms, job_id LIMIT {limit}"
-        )))
-        .bind(thing)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(row_execution).collect()
+        self.pending_of(thing, limit).await
     }
 
     async fn queue_execution_if_absent(&self, e: &JobExecution) -> StoreResult<bool> {

@@ -37,12 +37,20 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "signing",
         include_str!("../../../migrations/0003_signing.sql"),
     ),
+    (
+        4,
+        "pending order",
+        include_str!("../../../migrations/0004_pending_order.sql"),
+    ),
 ];
 
 /// The SQL implementation of [`Store`].
 #[derive(Clone)]
 pub struct SqlStore {
+    /// Reads (and, on PostgreSQL, everything).
     pool: AnyPool,
+    /// Write transactions: on SQLite one connection, on PostgreSQL the same pool.
+    writer: AnyPool,
     dialect: Dialect,
 }
 
@@ -95,12 +103,57 @@ fn paginate<T>(mut items: Vec<T>, page: &PageRequest, key: impl Fn(&T) -> String
 
 const EXECUTION_COLUMNS: &str = "job_id, thing_name, execution_number, status, force_canceled, status_details, \
      queued_ms, started_ms, updated_ms, version, retry_attempt";
+/// An execution's columns, in the order of [`EXECUTION_COLUMNS`].
+type ExecutionColumns = (
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    String,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+);
+
+fn execution_from(c: ExecutionColumns) -> StoreResult<JobExecution> {
+    let (
+        job_id,
+        thing_name,
+        execution_number,
+        status,
+        force_canceled,
+        status_details,
+        queued_ms,
+        started_ms,
+        updated_ms,
+        version,
+        retry_attempt,
+    ) = c;
+    Ok(JobExecution {
+        job_id,
+        thing_name,
+        execution_number,
+        status: parse_enum(&status)?,
+        force_canceled: force_canceled != 0,
+        status_details: from_json(&status_details)?,
+        queued_ms,
+        started_ms,
+        updated_ms,
+        version,
+        retry_attempt,
+    })
+}
+
 const JOB_COLUMNS: &str = "job_id, status, target_selection, namespace_id, targets, description, document, \
      document_source, details, force_canceled, reason_code, comment, created_ms, updated_ms, completed_ms, version";
 const OBJECT_COLUMNS: &str = "bucket, object_key, version_id, is_latest, delete_marker, size, etag, content_type, \
      checksum, metadata, blob, created_ms";
 
 mod certificates;
+mod device_batch;
 mod jobs;
 mod objects;
 mod ota;
@@ -122,37 +175,48 @@ impl SqlStore {
                 "unsupported database URL '{url}': use sqlite://PATH or postgres://..."
             )));
         };
-        let pool = match dialect {
+        let (pool, writer) = match dialect {
             Dialect::Sqlite => {
                 let url = if url.contains('?') {
                     url.to_owned()
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                AnyPoolOptions::new()
-                    .max_connections(8)
-                    .after_connect(|conn, _meta| {
-                        Box::pin(async move {
-                            sqlx::raw_sql(
-                                "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA synchronous=NORMAL;",
-                            )
-                            .execute(conn)
-                            .await?;
-                            Ok(())
+                let options = |connections: u32| {
+                    AnyPoolOptions::new()
+                        .max_connections(connections)
+                        .after_connect(|conn, _meta| {
+                            Box::pin(async move {
+                                sqlx::raw_sql(
+                                    "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA synchronous=NORMAL;",
+                                )
+                                .execute(conn)
+                                .await?;
+                                Ok(())
+                            })
                         })
-                    })
-                    .connect(&url)
-                    .await?
+                };
+                // SQLite runs one writer at a time. Giving writes one connection of their
+                // own queues writers in the pool (in order, without SQLite's sleeping busy
+                // handler) and keeps that connection's page cache warm: a connection whose
+                // database another connection changed starts over from the OS's cache.
+                let writer = options(1).connect(&url).await?;
+                (options(8).connect(&url).await?, writer)
             }
             Dialect::Postgres => {
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
-                    .await?
+                    .await?;
+                (pool.clone(), pool)
             }
         };
-        let store = SqlStore { pool, dialect };
+        let store = SqlStore {
+            pool,
+            writer,
+            dialect,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -161,9 +225,10 @@ impl SqlStore {
         self.dialect
     }
 
-    /// Closes the pool (waits for connections to be returned).
+    /// Closes the pools (waits for connections to be returned).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     async fn migrate(&self) -> StoreResult<()> {
@@ -218,8 +283,8 @@ impl SqlStore {
     /// Starts a write transaction.
     async fn begin(&self) -> StoreResult<Tx> {
         Ok(match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.pool.begin().await?,
+            Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.writer.begin().await?,
         })
     }
 
@@ -231,7 +296,7 @@ impl SqlStore {
         what: impl FnOnce() -> String,
     ) -> StoreResult<()> {
         insert
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(|e| on_duplicate(e, what))?;
         Ok(())

@@ -1,0 +1,486 @@
+//! Devices' writes in batches (group commit) and thing's pending lists, in as few trips to
+//! the database as the dialect allows.
+//!
+//! A batch is cut into runs (each thing at most once per run). A run travels as ONE JSON
+//! parameter: `u` the execution updates, `s` the StartNext requests, and on the last run
+//! `c` the jobs that terminal updates may complete and `t` the things whose pending list
+//! the data plane announces. Every statement reads its rows from its run's parameter, so a
+//! statement's text does not depend on the batch's size (it is prepared once), and every
+//! read answers one row of JSON however many rows it found.
+//!
+//! On SQLite each statement sent is a hand-off to the connection's thread and back (on a
+//! busy server, a wait for a core each way), and each row of a result is one more: the
+//! whole batch, BEGIN IMMEDIATE to COMMIT, goes as one multi-statement query (run k binds
+//! `$k`), so a batch costs one trip. PostgreSQL takes no multi-statement query with
+//! parameters; there the statements go one by one in a transaction.
+
+use serde_json::json;
+use sqlx::{AssertSqlSafe, Row};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use super::*;
+
+/// A batch of device writes cut into runs in which each thing appears at most once: each
+/// row a run's statements change answers exactly one write, and a later write of the same
+/// thing (next run) sees the earlier one.
+fn segments(writes: &[DeviceWrite]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut start = 0;
+    for (i, w) in writes.iter().enumerate() {
+        if !seen.insert(w.thing()) {
+            runs.push(start..i);
+            seen.clear();
+            seen.insert(w.thing());
+            start = i;
+        }
+    }
+    if start < writes.len() {
+        runs.push(start..writes.len());
+    }
+    runs
+}
+
+/// One statement of a batch: its text, the run whose parameter it binds, and whether it
+/// answers a row of JSON.
+struct Statement {
+    sql: String,
+    param: usize,
+    answers: bool,
+}
+
+impl SqlStore {
+    /// The elements of the array `$p.key`, as rows with one column `value` (each element
+    /// is itself an array, read with `value ->> i`).
+    fn elements(&self, p: usize, key: &str) -> String {
+        match self.dialect {
+            Dialect::Sqlite => format!("json_each(${p}, '$.{key}')"),
+            Dialect::Postgres => {
+                format!("json_array_elements(${p}::json -> '{key}') AS elements(value)")
+            }
+        }
+    }
+
+    /// `rows` (a query) answered as one row: a JSON array holding each row's `columns` as
+    /// an array.
+    fn json_answer(&self, rows: &str, columns: &str) -> String {
+        match self.dialect {
+            Dialect::Sqlite => {
+                format!("SELECT json_group_array(json_array({columns})) FROM ({rows}) AS r")
+            }
+            Dialect::Postgres => format!(
+                "SELECT COALESCE(json_agg(json_build_array({columns})), '[]')::text FROM ({rows}) AS r"
+            ),
+        }
+    }
+
+    /// The pending executions (IN_PROGRESS first, then QUEUED, each by queue time), at most
+    /// `limit` per thing, of the things in `$p.key` (`[[thing], ...]`), as a JSON answer.
+    /// Each status is read in index order and cut at `limit` (no sort of a thing's whole
+    /// list): SQLite through a correlated rowid list, PostgreSQL through LATERAL. The limit
+    /// is in the text: a bound LIMIT makes SQLite plan the statement again each time.
+    fn pending_sql(&self, p: usize, key: &str, limit: usize) -> String {
+        let things = format!("SELECT value ->> 0 AS thing FROM {}", self.elements(p, key));
+        let per_status = |status: &str| match self.dialect {
+            Dialect::Sqlite => format!(
+                "SELECT {EXECUTION_COLUMNS} FROM ({things}) AS t JOIN job_executions AS e \
+                 ON e.rowid IN (SELECT rowid FROM job_executions WHERE thing_name = t.thing \
+                 AND status = '{status}' ORDER BY queued_ms, job_id LIMIT {limit})"
+            ),
+            Dialect::Postgres => format!(
+                "SELECT e.* FROM ({things}) AS t CROSS JOIN LATERAL \
+                 (SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = t.thing \
+                 AND status = '{status}' ORDER BY queued_ms, job_id LIMIT {limit}) AS e"
+            ),
+        };
+        self.json_answer(
+            &format!(
+                "{} UNION ALL {}",
+                per_status("IN_PROGRESS"),
+                per_status("QUEUED")
+            ),
+            EXECUTION_COLUMNS,
+        )
+    }
+
+    /// Runs `statements` (statement i binding `params[statements[i].param]`) in one
+    /// transaction, on PostgreSQL after locking `jobs`; the JSON answers, in order.
+    async fn execute_batch(
+        &self,
+        statements: &[Statement],
+        params: &[String],
+        jobs: &BTreeSet<&str>,
+    ) -> StoreResult<Vec<String>> {
+        let mut answers = Vec::new();
+        match self.dialect {
+            Dialect::Sqlite => {
+                use futures::TryStreamExt;
+                let mut sql = String::from("BEGIN IMMEDIATE;\n");
+                for s in statements {
+                    sql.push_str(&s.sql);
+                    sql.push_str(";\n");
+                }
+                sql.push_str("COMMIT");
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for p in params {
+                    query = query.bind(p.clone());
+                }
+                let mut conn = self.writer.acquire().await?;
+                // sqlx 0.9 deprecates multi-statement prepared queries (only its SQLite
+                // driver has them; launchbadge/sqlx#3108) but keeps them. The store
+                // conformance suite runs every batch shape through this, so an sqlx that
+                // drops them fails there.
+                #[allow(deprecated)]
+                let mut results = query.fetch_many(&mut *conn);
+                let mut outcome = Ok(());
+                loop {
+                    match results.try_next().await {
+                        Ok(Some(sqlx::Either::Right(row))) => match row.try_get::<String, _>(0) {
+                            Ok(a) => answers.push(a),
+                            Err(e) => {
+                                outcome = Err(e.into());
+                                break;
+                            }
+                        },
+                        Ok(Some(sqlx::Either::Left(_))) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            outcome = Err(e.into());
+                            break;
+                        }
+                    }
+                }
+                drop(results);
+                if let Err(e) = outcome {
+                    // The query stopped where it failed, maybe inside the transaction: end
+                    // it before the connection goes back to the pool (an error here means
+                    // none was open).
+                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                    return Err(e);
+                }
+            }
+            Dialect::Postgres => {
+                let mut tx = self.begin().await?;
+                for job_id in jobs {
+                    sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
+                        .bind(*job_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                }
+                for s in statements {
+                    let param = params.get(s.param).cloned().unwrap_or_default();
+                    let q = sqlx::query(AssertSqlSafe(s.sql.clone())).bind(param);
+                    if s.answers {
+                        answers.push(q.fetch_one(&mut *tx).await?.try_get::<String, _>(0)?);
+                    } else {
+                        q.execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+            }
+        }
+        let expected = statements.iter().filter(|s| s.answers).count();
+        if answers.len() != expected {
+            return Err(StoreError::Corrupt(format!(
+                "a device batch answered {} results instead of {expected}",
+                answers.len()
+            )));
+        }
+        Ok(answers)
+    }
+
+    /// The statements of run `run` of a batch: the updates in `.u` (written where the
+    /// stored version is one less and the queue time the same; answers the things written),
+    /// the StartNexts in `.s` (a thing's first QUEUED execution starts unless one is in
+    /// progress; answers each thing's head), and, with `ends`, the completion of the jobs in
+    /// `.c` and the pending lists of the things in `.t` (answers them).
+    fn run_statements(
+        &self,
+        run: usize,
+        updates: bool,
+        starts: bool,
+        ends: bool,
+    ) -> Vec<Statement> {
+        // Placeholders: one query binds every run's parameter on SQLite, one each on
+        // PostgreSQL.
+        let p = match self.dialect {
+            Dialect::Sqlite => run + 1,
+            Dialect::Postgres => 1,
+        };
+        let mut statements = Vec::new();
+        let mut push = |sql: String, answers: bool| {
+            statements.push(Statement {
+                sql,
+                param: run,
+                answers,
+            })
+        };
+        let u = self.elements(p, "u");
+        let rows = format!(
+            "SELECT value ->> 0 AS job_id, value ->> 1 AS thing_name, \
+             CAST(value ->> 2 AS BIGINT) AS execution_number, value ->> 3 AS status, \
+             CAST(value ->> 4 AS BIGINT) AS force_canceled, value ->> 5 AS status_details, \
+             CAST(value ->> 6 AS BIGINT) AS started_ms, CAST(value ->> 7 AS BIGINT) AS updated_ms, \
+             CAST(value ->> 8 AS BIGINT) AS version, CAST(value ->> 9 AS BIGINT) AS queued_ms FROM {u}"
+        );
+        let set = "status = j.status, force_canceled = j.force_canceled, status_details = j.status_details, \
+                   started_ms = j.started_ms, updated_ms = j.updated_ms, version = j.version";
+        if updates {
+            match self.dialect {
+                Dialect::Sqlite => {
+                    // No other writer runs inside this (IMMEDIATE) transaction: the rows
+                    // that match now are exactly the ones the UPDATE then writes.
+                    let matching = format!(
+                        "SELECT j.thing_name FROM ({rows}) AS j JOIN job_executions AS e \
+                         ON e.job_id = j.job_id AND e.thing_name = j.thing_name \
+                         AND e.execution_number = j.execution_number \
+                         AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms"
+                    );
+                    push(self.json_answer(&matching, "thing_name"), true);
+                    push(
+                        format!(
+                            "UPDATE job_executions SET {set} FROM ({rows}) AS j \
+                             WHERE job_executions.job_id = j.job_id AND job_executions.thing_name = j.thing_name \
+                             AND job_executions.execution_number = j.execution_number \
+                             AND job_executions.version = j.version - 1 \
+                             AND job_executions.queued_ms = j.queued_ms"
+                        ),
+                        false,
+                    );
+                }
+                Dialect::Postgres => {
+                    // Another server's transaction may change a row between a check and
+                    // the UPDATE: the UPDATE itself says what it wrote. (A data-modifying
+                    // WITH must be at the top level, hence no `json_answer`.)
+                    push(
+                        format!(
+                            "WITH w AS (UPDATE job_executions AS e SET {set} FROM ({rows}) AS j \
+                             WHERE e.job_id = j.job_id AND e.thing_name = j.thing_name \
+                             AND e.execution_number = j.execution_number \
+                             AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms \
+                             RETURNING e.thing_name) \
+                             SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w"
+                        ),
+                        true,
+                    );
+                }
+            }
+        }
+        if starts {
+            let s = self.elements(p, "s");
+            let (target, row, key) = match self.dialect {
+                Dialect::Sqlite => ("job_executions", "job_executions", "job_executions.rowid"),
+                Dialect::Postgres => (
+                    "job_executions AS x",
+                    "x",
+                    "(x.job_id, x.thing_name, x.execution_number)",
+                ),
+            };
+            let head_key = match self.dialect {
+                Dialect::Sqlite => "rowid",
+                Dialect::Postgres => "job_id, thing_name, execution_number",
+            };
+            // The status is checked on the row itself too: on PostgreSQL a row another
+            // transaction just started is re-checked after its lock, the subqueries not.
+            push(
+                format!(
+                    "UPDATE {target} SET status = 'IN_PROGRESS', started_ms = s.now_ms, updated_ms = s.now_ms, \
+                     status_details = COALESCE(s.status_details, {row}.status_details), version = {row}.version + 1 \
+                     FROM (SELECT value ->> 0 AS thing, value ->> 1 AS status_details, \
+                     CAST(value ->> 2 AS BIGINT) AS now_ms FROM {s}) AS s \
+                     WHERE {key} = (SELECT {head_key} FROM job_executions WHERE thing_name = s.thing \
+                     AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AND {row}.status = 'QUEUED' \
+                     AND NOT EXISTS (SELECT 1 FROM job_executions WHERE thing_name = s.thing \
+                     AND status = 'IN_PROGRESS')"
+                ),
+                false,
+            );
+            push(self.pending_sql(p, "s", 1), true);
+        }
+        if ends {
+            let c = self.elements(p, "c");
+            push(
+                format!(
+                    "UPDATE jobs SET status = 'COMPLETED', completed_ms = c.at_ms, updated_ms = c.at_ms, \
+                     version = version + 1 \
+                     FROM (SELECT value ->> 0 AS job_id, CAST(value ->> 1 AS BIGINT) AS at_ms FROM {c}) AS c \
+                     WHERE jobs.job_id = c.job_id AND jobs.status = 'IN_PROGRESS' \
+                     AND jobs.target_selection = 'SNAPSHOT' AND NOT EXISTS (SELECT 1 FROM job_executions \
+                     WHERE job_executions.job_id = c.job_id AND job_executions.status IN ('QUEUED', 'IN_PROGRESS'))"
+                ),
+                false,
+            );
+            push(self.pending_sql(p, "t", ENDED_PENDING_LIMIT), true);
+        }
+        statements
+    }
+
+    /// [`JobStore::device_writes`]: see the module's notes.
+    pub(super) async fn device_batch(
+        &self,
+        writes: &[DeviceWrite],
+    ) -> StoreResult<Vec<DeviceWriteOutcome>> {
+        // Jobs that terminal updates may complete (the latest end time of each), and the
+        // things whose pending list their update's outcome carries.
+        let mut ends: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut ended_things: BTreeSet<&str> = BTreeSet::new();
+        for w in writes {
+            if let DeviceWrite::Update(e) = w
+                && e.status.is_terminal()
+            {
+                let at = ends.entry(&e.job_id).or_insert(e.updated_ms);
+                *at = (*at).max(e.updated_ms);
+                ended_things.insert(&e.thing_name);
+            }
+        }
+        // What each run sends and so answers: (updates?, starts?, settles?).
+        let runs = segments(writes);
+        let mut shapes = Vec::with_capacity(runs.len());
+        let mut params = Vec::with_capacity(runs.len());
+        let mut statements = Vec::new();
+        for (n, run) in runs.iter().enumerate() {
+            let mut u = Vec::new();
+            let mut s = Vec::new();
+            for w in &writes[run.clone()] {
+                match w {
+                    DeviceWrite::Update(e) => u.push(json!([
+                        e.job_id,
+                        e.thing_name,
+                        e.execution_number,
+                        e.status.as_str(),
+                        flag(e.force_canceled),
+                        to_json(&e.status_details)?,
+                        e.started_ms,
+                        e.updated_ms,
+                        e.version,
+                        e.queued_ms,
+                    ])),
+                    DeviceWrite::StartNext {
+                        thing,
+                        status_details,
+                        now_ms,
+                    } => s.push(json!([
+                        thing,
+                        status_details.as_ref().map(to_json).transpose()?,
+                        now_ms
+                    ])),
+                }
+            }
+            // The batch's ends are settled with its last run, once every update is applied.
+            let settle = n + 1 == runs.len() && !ends.is_empty();
+            let shape = (!u.is_empty(), !s.is_empty(), settle);
+            let mut param = json!({ "u": u, "s": s });
+            if settle {
+                param["c"] = ends.iter().map(|(job, at)| json!([job, at])).collect();
+                param["t"] = ended_things.iter().map(|t| json!([t])).collect();
+            }
+            statements.extend(self.run_statements(n, shape.0, shape.1, shape.2));
+            params.push(param.to_string());
+            shapes.push(shape);
+        }
+        // Jobs before executions, in job id order, as CancelJob and DeleteJob lock them on
+        // PostgreSQL: a batch that may complete a job does not take that job's row last, and
+        // behind the lock the completion's check sees every earlier batch's executions (READ
+        // COMMITTED: two batches ending a job's last two executions would each see the
+        // other's as still pending).
+        let jobs: BTreeSet<&str> = writes
+            .iter()
+            .filter_map(|w| match w {
+                DeviceWrite::Update(e) => Some(e.job_id.as_str()),
+                DeviceWrite::StartNext { .. } => None,
+            })
+            .collect();
+        let mut answers = self
+            .execute_batch(&statements, &params, &jobs)
+            .await?
+            .into_iter();
+        let mut answer = || {
+            answers
+                .next()
+                .ok_or_else(|| StoreError::Corrupt("a device batch lost an answer".into()))
+        };
+
+        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut pending: HashMap<String, Vec<JobExecution>> = HashMap::new();
+        for (run, (updates, starts, settle)) in runs.into_iter().zip(shapes) {
+            let written: HashSet<String> = if updates {
+                from_json::<Vec<(String,)>>(&answer()?)?
+                    .into_iter()
+                    .map(|(t,)| t)
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+            let mut heads = if starts {
+                pending_lists(&answer()?, 1)?
+            } else {
+                HashMap::new()
+            };
+            if settle {
+                pending = pending_lists(&answer()?, ENDED_PENDING_LIMIT)?;
+            }
+            for w in &writes[run] {
+                outcomes.push(match w {
+                    DeviceWrite::Update(e) => {
+                        let done = written.contains(&e.thing_name);
+                        if done && e.status.is_terminal() {
+                            // The list is filled in below, once every run is read.
+                            DeviceWriteOutcome::Ended(Vec::new())
+                        } else {
+                            DeviceWriteOutcome::Updated(done)
+                        }
+                    }
+                    DeviceWrite::StartNext { thing, .. } => {
+                        DeviceWriteOutcome::Started(heads.remove(thing).and_then(|mut h| h.pop()))
+                    }
+                });
+            }
+        }
+        for (o, w) in outcomes.iter_mut().zip(writes) {
+            if let (DeviceWriteOutcome::Ended(list), DeviceWrite::Update(e)) = (o, w) {
+                *list = pending.get(&e.thing_name).cloned().unwrap_or_default();
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// A thing's pending executions (see [`JobStore::pending_executions`]).
+    pub(super) async fn pending_of(
+        &self,
+        thing: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<JobExecution>> {
+        let row = sqlx::query(AssertSqlSafe(self.pending_sql(1, "t", limit)))
+            .bind(json!({ "t": [[thing]] }).to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(pending_lists(&row.try_get::<String, _>(0)?, limit)?
+            .remove(thing)
+            .unwrap_or_default())
+    }
+}
+
+/// Decodes a [`SqlStore::pending_sql`] answer into each thing's list, in order.
+fn pending_lists(answer: &str, limit: usize) -> StoreResult<HashMap<String, Vec<JobExecution>>> {
+    let mut lists: HashMap<String, Vec<JobExecution>> = HashMap::new();
+    for columns in from_json::<Vec<ExecutionColumns>>(answer)? {
+        let e = execution_from(columns)?;
+        lists.entry(e.thing_name.clone()).or_default().push(e);
+    }
+    for list in lists.values_mut() {
+        list.sort_by(|a, b| {
+            (
+                a.status != ExecutionStatus::InProgress,
+                a.queued_ms,
+                &a.job_id,
+            )
+                .cmp(&(
+                    b.status != ExecutionStatus::InProgress,
+                    b.queued_ms,
+                    &b.job_id,
+                ))
+        });
+        list.truncate(limit);
+    }
+    Ok(lists)
+}
