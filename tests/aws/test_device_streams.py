@@ -124,6 +124,11 @@ def test_stream_blocks_over_mqtt_cbor_and_json(server, thing, firmware):
         missing = f"$aws/things/{thing}/streams/no-such-stream"
         dev.publish(f"{missing}/get/cbor", cbor2.dumps({"f": 0, "l": block}))
         assert cbor2.loads(json_or_raw(dev, f"{missing}/rejected/cbor"))["o"] == "ResourceNotFound"
+        # A stream id outside [a-zA-Z0-9_-]{1,128} names no stream: InvalidTopic.
+        malformed = f"$aws/things/{thing}/streams/bad.id"
+        dev.publish(f"{malformed}/get/json", json.dumps({"f": 0, "l": block, "c": "tok"}))
+        rej = json.loads(json_or_raw(dev, f"{malformed}/rejected/json"))
+        assert rej["o"] == "InvalidTopic" and "c" not in rej, rej
     finally:
         dev.close()
     server.aws("iot", "delete-ota-update", "--ota-update-id", ota["id"], "--delete-stream", "--force-delete-aws-job")

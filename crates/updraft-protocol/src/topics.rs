@@ -428,6 +428,54 @@ impl fmt::Display for DeviceTopic<'_> {
     }
 }
 
+/// Whether `topic` is a device's request — or passes for one: a malformed topic under the
+/// jobs or streams namespace that is not itself an answer. What a server subscribed to the
+/// whole namespaces (on an external broker) takes up, as opposed to its own answers and
+/// notifications, which the same subscriptions match.
+pub fn is_request_topic(topic: &str) -> bool {
+    match DeviceTopic::parse(topic) {
+        Ok(t) => t.is_request(),
+        Err(TopicError::InvalidTopic {
+            namespace: Namespace::Jobs,
+            ..
+        }) => !(topic.ends_with("/accepted") || topic.ends_with("/rejected")),
+        Err(TopicError::InvalidTopic {
+            namespace: Namespace::Streams,
+            ..
+        }) => !matches!(
+            topic.rsplit('/').nth(1),
+            Some("data" | "description" | "rejected")
+        ),
+        Err(TopicError::NotReserved) => false,
+    }
+}
+
+/// A stream request (`get` or `describe`, `json` or `cbor`) whose stream id breaks the
+/// id rules: it maps to no stream, and the device is answered `InvalidTopic` on the
+/// topic's `rejected` twin — which the returned [`DeviceTopic`] names. `None` for anything
+/// else: only requests are answered, so an answer, seen again through an external broker,
+/// is never taken for a request.
+pub fn malformed_stream_request(topic: &str) -> Option<(DeviceTopic<'_>, TopicError)> {
+    let rest = topic.strip_prefix(THINGS_PREFIX)?;
+    let &[thing, "streams", stream_id, op, format] = rest.split('/').collect::<Vec<_>>().as_slice()
+    else {
+        return None;
+    };
+    THING_NAME.check("thingName", thing).ok()?;
+    if !StreamOp::parse(op)?.is_request() {
+        return None;
+    }
+    let format = format.parse::<Format>().ok()?;
+    let error = check(Namespace::Streams, &STREAM_ID, "streamId", stream_id).err()?;
+    let rejected = DeviceTopic::Stream {
+        thing,
+        stream_id,
+        op: StreamOp::Rejected,
+        format,
+    };
+    Some((rejected, error))
+}
+
 /// The thing of a `$aws/things/{thing}/…` topic or filter.
 ///
 /// `None` when the topic is not of that shape, when the thing level is empty,
@@ -459,6 +507,70 @@ mod tests {
 
     fn parse(t: &str) -> Result<DeviceTopic<'_>, TopicError> {
         DeviceTopic::parse(t)
+    }
+
+    #[test]
+    fn request_topics() {
+        let r = is_request_topic;
+        assert!(r("$aws/things/d/jobs/get"));
+        assert!(r("$aws/things/d/jobs/start-next"));
+        assert!(r("$aws/things/d/jobs/$next/get"));
+        assert!(r("$aws/things/d/jobs/j1/update"));
+        assert!(r("$aws/things/d/jobs/j1/bogus"), "answered InvalidTopic");
+        assert!(r("$aws/things/d/streams/s/get/cbor"));
+        assert!(
+            r("$aws/things/d/streams/bad.id/get/cbor"),
+            "answered InvalidTopic"
+        );
+        assert!(!r("$aws/things/d/jobs/get/accepted"));
+        assert!(!r("$aws/things/d/jobs/notify-next"));
+        assert!(!r("$aws/things/d/jobs/j1/update/rejected"));
+        assert!(!r("$aws/things/d/jobs/j1/bogus/rejected"));
+        assert!(!r("$aws/things/d/streams/s/data/cbor"));
+        assert!(!r("$aws/things/d/streams/bad.id/rejected/cbor"));
+        assert!(!r("$aws/things/d/shadow/update"));
+    }
+
+    #[test]
+    fn malformed_stream_ids_are_answered_on_rejected() {
+        let long = "s".repeat(129);
+        for (topic, answer) in [
+            (
+                "$aws/things/t1/streams/bad.id/get/cbor".to_owned(),
+                "$aws/things/t1/streams/bad.id/rejected/cbor".to_owned(),
+            ),
+            (
+                format!("$aws/things/t1/streams/{long}/describe/json"),
+                format!("$aws/things/t1/streams/{long}/rejected/json"),
+            ),
+        ] {
+            assert!(matches!(
+                parse(&topic),
+                Err(TopicError::InvalidTopic { .. })
+            ));
+            let (rejected, error) = malformed_stream_request(&topic).expect(&topic);
+            assert_eq!(rejected.to_string(), answer);
+            assert!(matches!(
+                error,
+                TopicError::InvalidTopic {
+                    namespace: Namespace::Streams,
+                    ..
+                }
+            ));
+        }
+        // Only requests in a known format with a valid thing, and only bad stream ids.
+        for topic in [
+            "$aws/things/t1/streams/bad.id/rejected/cbor",
+            "$aws/things/t1/streams/bad.id/data/json",
+            "$aws/things/t1/streams/bad.id/get/xml",
+            "$aws/things/t1/streams/bad.id/get",
+            "$aws/things/t1/streams/bad.id/get/json/x",
+            "$aws/things/bad thing!/streams/bad.id/get/json",
+            "$aws/things/t1/streams/good-id/get/json",
+            "$aws/things/t1/jobs/bad.id/get",
+        ] {
+            assert!(malformed_stream_request(topic).is_none(), "{topic}");
+        }
     }
 
     fn jobs(thing: &str, topic: JobsTopic<'_>) -> String {

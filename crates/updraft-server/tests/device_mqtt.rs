@@ -749,6 +749,12 @@ async fn streams_in(dev: &mut Device, format: Format, data: &[u8]) {
     stream_request(dev, "no-such-stream", "describe", format, Vec::new())
         .await
         .rejected("ResourceNotFound");
+    // A stream id outside the id rules names no stream: InvalidTopic, without a token.
+    for op in ["describe", "get"] {
+        let payload = get(256, 0, Some(1), None).encode(format);
+        let r = stream_request(dev, "bad.id", op, format, payload).await;
+        assert_eq!(r.rejected("InvalidTopic").client_token, None);
+    }
 
     // GetStream: o + n.
     let check = |out: &StreamAnswers, l: usize, want: &[u64]| {

@@ -181,7 +181,7 @@ impl JobsTarget {
     ];
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
     Jobs(JobsTarget),
     StreamGet {
@@ -192,7 +192,13 @@ enum Kind {
         stream_exists: bool,
         format: Format,
     },
-    /// A stream topic the server cannot answer (unknown format, bad stream id, bad op).
+    /// A stream request whose stream id breaks the id rules: `InvalidTopic` on the
+    /// topic's `rejected` twin.
+    StreamInvalidTopic {
+        format: Format,
+        rejected: String,
+    },
+    /// A stream topic that names nowhere to answer (unknown format or operation).
     StreamIgnored,
 }
 
@@ -394,11 +400,24 @@ fn stream_case(rng: &mut Rng, thing: &str) -> Case {
     } else {
         "no-such-stream"
     };
+    if rng.chance(50) {
+        let bad_id = rng
+            .pick(&["bad.id".to_owned(), "s".repeat(129), "a b".to_owned()])
+            .clone();
+        let op = *rng.pick(&["get", "describe"]);
+        return Case {
+            topic: format!("$aws/things/{thing}/streams/{bad_id}/{op}/{fmt}"),
+            payload: stream_template(rng).encode(format),
+            kind: Kind::StreamInvalidTopic {
+                format,
+                rejected: format!("$aws/things/{thing}/streams/{bad_id}/rejected/{fmt}"),
+            },
+        };
+    }
     if rng.chance(25) {
         let topic = rng
             .pick(&[
                 format!("$aws/things/{thing}/streams/{STREAM}/get/xml"),
-                format!("$aws/things/{thing}/streams/bad.id/get/{fmt}"),
                 format!("$aws/things/{thing}/streams/{STREAM}/fetch/{fmt}"),
                 format!("$aws/things/{thing}/streams/{STREAM}/get"),
                 format!("$aws/things/{thing}/streams/{STREAM}/get/{fmt}/x"),
@@ -641,6 +660,18 @@ fn expected_stream(case: &Case) -> StreamExpect {
 }
 
 fn check_stream(case: &Case, answers: &Answers) -> Result<(), String> {
+    if let Kind::StreamInvalidTopic { format, rejected } = &case.kind {
+        let [(t, p)] = answers.as_slice() else {
+            return Err(format!("expected InvalidTopic, got {answers:?}"));
+        };
+        if t != rejected {
+            return Err(format!("expected InvalidTopic on {rejected}, got {t}"));
+        }
+        let r = Rejection::decode(*format, p).map_err(|e| format!("bad rejection: {e}"))?;
+        return (r.code == "InvalidTopic" && r.client_token.is_none())
+            .then_some(())
+            .ok_or_else(|| format!("expected InvalidTopic without a token, got {r:?}"));
+    }
     let format = match case.kind {
         Kind::StreamGet { format, .. } | Kind::StreamDescribe { format, .. } => format,
         _ => {

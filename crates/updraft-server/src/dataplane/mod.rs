@@ -645,8 +645,12 @@ async fn handle(state: &AppState, msg: Inbound) {
             namespace: Namespace::Jobs,
             reason,
         }) => jobs_mqtt::handle(state, bus.as_ref(), &msg, Err(reason)).await,
-        // Replies and notifications, topics outside the reserved namespaces, and stream
-        // topics too malformed to know the answer's format: nothing to answer.
+        Err(TopicError::InvalidTopic {
+            namespace: Namespace::Streams,
+            ..
+        }) => streams_mqtt::invalid_topic(bus.as_ref(), &msg),
+        // Replies and notifications, and topics outside the reserved namespaces: nothing
+        // to answer.
         _ => {}
     }
 }

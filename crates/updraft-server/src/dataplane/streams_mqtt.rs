@@ -44,6 +44,24 @@ pub(super) async fn handle(
     }
 }
 
+/// Answers a stream request whose stream id is malformed with `InvalidTopic` (other
+/// malformed stream topics — an unknown operation or format — say nowhere to answer).
+pub(super) fn invalid_topic(bus: &dyn MessageBus, msg: &Inbound) {
+    use updraft_protocol::topics::{DeviceTopic, malformed_stream_request};
+    let Some((rejected, reason)) = malformed_stream_request(&msg.topic) else {
+        return;
+    };
+    let DeviceTopic::Stream { format, .. } = rejected else {
+        return;
+    };
+    // Only the thing itself may ask (as for every request).
+    if rejected.thing() != msg.client_id {
+        return;
+    }
+    let e = StreamError::new(RejectCode::InvalidTopic, reason.to_string());
+    reply(bus, &msg.client_id, rejected.to_string(), e.encode(format));
+}
+
 async fn load_stream(state: &AppState, stream_id: &str) -> Result<Arc<Stream>, StreamError> {
     match state.data_plane.stream(state, stream_id).await {
         Ok(Some(s)) => Ok(s),

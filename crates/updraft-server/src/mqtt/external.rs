@@ -400,7 +400,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
 }
 
 async fn forward(p: Publish, inbound: &mpsc::Sender<Inbound>) {
-    if !is_request_topic(&p.topic) {
+    if !updraft_protocol::topics::is_request_topic(&p.topic) {
         return;
     }
     let Some(thing) = updraft_protocol::topics::thing_of_topic(&p.topic).map(str::to_owned) else {
@@ -415,38 +415,9 @@ async fn forward(p: Publish, inbound: &mpsc::Sender<Inbound>) {
         .await;
 }
 
-/// Device requests (jobs get/start-next/describe/update, stream get/describe); the
-/// server's own replies and notifications, which the subscription also matches, are not.
-pub fn is_request_topic(topic: &str) -> bool {
-    use updraft_protocol::topics::{DeviceTopic, Namespace, TopicError};
-    match DeviceTopic::parse(topic) {
-        Ok(t) => t.is_request(),
-        // Answered with InvalidTopic, unless it is itself an answer.
-        Err(TopicError::InvalidTopic {
-            namespace: Namespace::Jobs,
-            ..
-        }) => !(topic.ends_with("/accepted") || topic.ends_with("/rejected")),
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_topics() {
-        let r = is_request_topic;
-        assert!(r("$aws/things/d/jobs/get"));
-        assert!(r("$aws/things/d/jobs/start-next"));
-        assert!(r("$aws/things/d/jobs/$next/get"));
-        assert!(r("$aws/things/d/jobs/j1/update"));
-        assert!(r("$aws/things/d/streams/s/get/cbor"));
-        assert!(!r("$aws/things/d/jobs/get/accepted"));
-        assert!(!r("$aws/things/d/jobs/notify-next"));
-        assert!(!r("$aws/things/d/jobs/j1/update/rejected"));
-        assert!(!r("$aws/things/d/streams/s/data/cbor"));
-    }
 
     #[test]
     fn broker_urls() {

@@ -517,17 +517,7 @@ impl Device {
 }
 
 /// Whether a device publishes on `topic` (an external broker echoes those back to it).
-pub fn is_request_topic(topic: &str) -> bool {
-    use updraft_protocol::topics::DeviceTopic;
-    match DeviceTopic::parse(topic) {
-        Ok(t) => t.is_request(),
-        // Invalid jobs/streams topics are device publishes too.
-        Err(updraft_protocol::topics::TopicError::InvalidTopic { .. }) => {
-            !topic.ends_with("/rejected")
-        }
-        Err(_) => false,
-    }
-}
+pub use updraft_protocol::topics::is_request_topic;
 
 // ---- fixtures -----------------------------------------------------------------------------
 
