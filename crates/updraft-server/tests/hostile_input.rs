@@ -850,12 +850,25 @@ async fn still_served(dev: &mut Device) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_devices_change_nothing() {
+    hostile_devices(Env::embedded("hostile").await).await;
+}
+
+/// The same behind a real Mosquitto (the shipped ACL; Updraft as a client over TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_devices_change_nothing_on_mosquitto() {
+    let Some(env) = Env::mosquitto("hostile-mosquitto").await else {
+        return;
+    };
+    hostile_devices(env).await;
+}
+
+async fn hostile_devices(env: Env) {
     let seed = std::env::var("UPDRAFT_HOSTILE_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or_else(|| now_ms() as u64);
     eprintln!("hostile_input seed: {seed} (rerun with UPDRAFT_HOSTILE_SEED={seed})");
-    let env = std::sync::Arc::new(Env::embedded("hostile").await);
+    let env = std::sync::Arc::new(env);
     put_object(&env.state, "hfw", "a.bin", &file0()).await;
     put_object(&env.state, "hfw", "b.bin", &file1()).await;
     create_stream(

@@ -13,7 +13,7 @@
 //! The client is Updraft's own (on rumqttc's codec, like the embedded broker) so that TLS
 //! goes through the same rustls/aws-lc-rs stack as everything else.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Packet, Publish, Subscribe, SubscribeFilter,
 };
@@ -298,9 +298,13 @@ where
     }
     write_packet(&mut writer, &mut wbuf, Packet::Connect(connect)).await?;
     writer.flush().await?;
-    let ack = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut reader, &mut rbuf))
-        .await
-        .map_err(|_| SessionError::Refused("no CONNACK from the broker".into()))??;
+    let mut skip = 0;
+    let ack = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_packet(&mut reader, &mut rbuf, &mut skip),
+    )
+    .await
+    .map_err(|_| SessionError::Refused("no CONNACK from the broker".into()))??;
     match ack {
         Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => {}
         Packet::ConnAck(a) => {
@@ -336,7 +340,7 @@ where
     ping.tick().await;
     loop {
         tokio::select! {
-            packet = read_packet(&mut reader, &mut rbuf) => {
+            packet = read_packet(&mut reader, &mut rbuf, &mut skip) => {
                 match packet? {
                     Packet::Publish(p) => {
                         if p.qos == QoS::AtLeastOnce {
@@ -380,21 +384,45 @@ where
     }
 }
 
+/// The next packet from the broker. A packet over [`MAX_PACKET`] (a device's oversized
+/// publish, which the broker may pass on) is skipped, not taken as a broken connection:
+/// otherwise any device could cut every device off by sending one. `skip` is the rest of a
+/// packet being skipped; it lives with the session, as the read may be cancelled midway.
 async fn read_packet<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
+    skip: &mut usize,
 ) -> Result<Packet, SessionError> {
     loop {
-        match Packet::read(buf, MAX_PACKET) {
-            Ok(p) => return Ok(p),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => {
-                if reader.read_buf(buf).await? == 0 {
-                    return Err(SessionError::Refused(
-                        "the broker closed the connection".into(),
-                    ));
+        if *skip > 0 {
+            let n = (*skip).min(buf.len());
+            buf.advance(n);
+            *skip -= n;
+        } else {
+            match Packet::read(buf, MAX_PACKET) {
+                Ok(p) => return Ok(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(mqttbytes::Error::PayloadSizeLimitExceeded(remaining)) => {
+                    // The fixed header: a byte, then the remaining length as a varint.
+                    let header = 1 + buf.iter().skip(1).take_while(|b| **b & 0x80 != 0).count() + 1;
+                    *skip = header + remaining;
+                    tracing::warn!(
+                        bytes = *skip,
+                        limit = MAX_PACKET,
+                        "skipped an oversized message from the external broker (set the broker's max_packet_size)"
+                    );
+                    continue;
                 }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
+        }
+        if *skip > 0 && !buf.is_empty() {
+            continue;
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(SessionError::Refused(
+                "the broker closed the connection".into(),
+            ));
         }
     }
 }
@@ -418,6 +446,62 @@ async fn forward(p: Publish, inbound: &mpsc::Sender<Inbound>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn oversized_packets_are_skipped_not_fatal() {
+        let mut wire = BytesMut::new();
+        let big = Publish::new(
+            "$aws/things/d/jobs/get",
+            QoS::AtMostOnce,
+            vec![b' '; MAX_PACKET + 10],
+        );
+        Packet::Publish(big)
+            .write(&mut wire, 2 * MAX_PACKET)
+            .expect("encode");
+        let small = Publish::new(
+            "$aws/things/d/jobs/start-next",
+            QoS::AtMostOnce,
+            b"{}".to_vec(),
+        );
+        Packet::Publish(small.clone())
+            .write(&mut wire, MAX_PACKET)
+            .expect("encode");
+        let mut reader = Trickle {
+            data: wire.freeze(),
+            chunk: 1000,
+        };
+        let (mut buf, mut skip) = (BytesMut::new(), 0);
+        let p = read_packet(&mut reader, &mut buf, &mut skip)
+            .await
+            .expect("the next packet");
+        assert!(
+            matches!(p, Packet::Publish(p) if p.topic == small.topic && p.payload == small.payload)
+        );
+        assert_eq!(skip, 0);
+        assert!(
+            read_packet(&mut reader, &mut buf, &mut skip).await.is_err(),
+            "then the end"
+        );
+    }
+
+    /// Reads `data` at most `chunk` bytes at a time, as a socket would deliver it.
+    struct Trickle {
+        data: Bytes,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.chunk.min(buf.remaining()).min(self.data.len());
+            let piece = self.data.split_to(n);
+            buf.put_slice(&piece);
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
 
     #[test]
     fn broker_urls() {
