@@ -269,16 +269,20 @@ impl DataPlane {
     }
 
     /// The job of `execution`, from memory if it was read less than [`METADATA_TTL`] ago
-    /// and after the execution was queued: a job deleted and created again under the same
-    /// id (on another replica, say) queues new executions, which never pair with a copy of
-    /// the old job read before them.
+    /// and is the job the execution was queued for. A job deleted and created again under
+    /// the same id (on another replica, say) queues new executions, which must never pair
+    /// with a copy of the old job. The copy is the execution's job when CreateJob queued the
+    /// execution with the job (its queue time is the job's creation time: the case of every
+    /// execution of a fleet rollout, read by all its devices in the first seconds), or when
+    /// the copy was read after the execution was queued (CONTINUOUS jobs' later members).
     pub async fn job_of(
         &self,
         state: &AppState,
         execution: &JobExecution,
     ) -> crate::store::StoreResult<Option<Arc<Job>>> {
         if let Some((read_ms, j)) = self.jobs.get(&execution.job_id)
-            && read_ms > execution.queued_ms.saturating_add(CLOCK_SKEW_MS)
+            && (j.created_ms == execution.queued_ms
+                || read_ms > execution.queued_ms.saturating_add(CLOCK_SKEW_MS))
         {
             return Ok(Some(j));
         }
@@ -579,10 +583,13 @@ impl RateLimiter {
                 now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND < DEVICE_BURST
             });
         }
-        let (tokens, at) = self
-            .buckets
-            .entry(client.to_owned())
-            .or_insert((DEVICE_BURST, now));
+        // Looked up by reference first: the key is allocated once per device, not per request.
+        if !self.buckets.contains_key(client) {
+            self.buckets.insert(client.to_owned(), (DEVICE_BURST, now));
+        }
+        let Some((tokens, at)) = self.buckets.get_mut(client) else {
+            return true;
+        };
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND)
             .min(DEVICE_BURST);
         *at = now;

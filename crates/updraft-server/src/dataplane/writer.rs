@@ -47,26 +47,31 @@ impl DeviceWriter {
 }
 
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
-    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    let mut writes: Vec<DeviceWrite> = Vec::with_capacity(MAX_BATCH);
+    let mut waiting = Vec::with_capacity(MAX_BATCH);
+    while let Some((w, done)) = rx.recv().await {
+        writes.push(w);
+        waiting.push(done);
+        while writes.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok((w, done)) => {
+                    writes.push(w);
+                    waiting.push(done);
+                }
                 Err(_) => break,
             }
         }
-        let writes: Vec<DeviceWrite> = batch.iter().map(|(w, _)| w.clone()).collect();
         match store.device_writes(&writes).await {
             Ok(outcomes) => {
-                for ((_, done), outcome) in batch.drain(..).zip(outcomes) {
+                for (done, outcome) in waiting.drain(..).zip(outcomes) {
                     let _ = done.send(Ok(outcome));
                 }
+                writes.clear();
             }
             Err(e) => {
                 // Apply them one by one, so each caller gets its own outcome.
-                tracing::warn!(error = %e, size = batch.len(), "group commit failed; writing singly");
-                for (w, done) in batch.drain(..) {
+                tracing::warn!(error = %e, size = writes.len(), "group commit failed; writing singly");
+                for (w, done) in writes.drain(..).zip(waiting.drain(..)) {
                     let _ = done.send(store.device_write(w).await);
                 }
             }
