@@ -34,6 +34,14 @@ pub(super) async fn announce(
     }
 }
 
+fn notify_topic(thing: &str) -> String {
+    format!("$aws/things/{thing}/jobs/notify")
+}
+
+fn notify_next_topic(thing: &str) -> String {
+    format!("$aws/things/{thing}/jobs/notify-next")
+}
+
 /// Announces `pending`, `thing`'s pending list as just read.
 pub(super) async fn publish(
     state: &AppState,
@@ -42,24 +50,27 @@ pub(super) async fn publish(
     thing: &str,
     pending: &[JobExecution],
 ) {
+    // A message nobody subscribed to is not built (the head is still tracked, so what a
+    // device hears after it subscribes is the same either way).
     let timestamp = now_ms() / 1000;
-    let mut jobs = Map::new();
-    for status in [ExecutionStatus::InProgress, ExecutionStatus::Queued] {
-        let list: Vec<Value> = pending
-            .iter()
-            .filter(|e| e.status == status)
-            .map(summary_json)
-            .collect();
-        if !list.is_empty() {
-            jobs.insert(status.as_str().to_owned(), Value::Array(list));
+    let notify = notify_topic(thing);
+    if bus.has_subscribers(&notify) {
+        let mut jobs = Map::new();
+        for status in [ExecutionStatus::InProgress, ExecutionStatus::Queued] {
+            let list: Vec<Value> = pending
+                .iter()
+                .filter(|e| e.status == status)
+                .map(summary_json)
+                .collect();
+            if !list.is_empty() {
+                jobs.insert(status.as_str().to_owned(), Value::Array(list));
+            }
         }
+        let body = json!({ "timestamp": timestamp, "jobs": jobs });
+        bus.publish(notify, Bytes::from(body.to_string()));
     }
-    let body = json!({ "timestamp": timestamp, "jobs": jobs });
-    bus.publish(
-        format!("$aws/things/{thing}/jobs/notify"),
-        Bytes::from(body.to_string()),
-    );
 
+    let next = notify_next_topic(thing);
     let head = pending
         .first()
         .map(|e| (e.job_id.clone(), e.execution_number));
@@ -70,7 +81,7 @@ pub(super) async fn publish(
         }
         Err(_) => true,
     };
-    if !changed {
+    if !changed || !bus.has_subscribers(&next) {
         return;
     }
     let body = match pending.first() {
@@ -83,8 +94,5 @@ pub(super) async fn publish(
         }
         None => json!({ "timestamp": timestamp }),
     };
-    bus.publish(
-        format!("$aws/things/{thing}/jobs/notify-next"),
-        Bytes::from(body.to_string()),
-    );
+    bus.publish(next, Bytes::from(body.to_string()));
 }

@@ -519,18 +519,19 @@ impl Broker {
 
     /// Delivers to the subscribers of `topic`. Only the thing named in an
     /// `$aws/things/{thing}/` topic can have subscribed to it.
+    /// The queue of the session subscribed to `topic`, if any (a topic belongs to one
+    /// thing, and only that thing may subscribe to it).
+    fn subscriber(&self, topic: &str) -> Option<mpsc::Sender<Outgoing>> {
+        let thing = updraft_protocol::topics::thing_of_topic(topic)?;
+        let sessions = self.inner.sessions.lock().ok()?;
+        sessions
+            .get(thing)
+            .filter(|s| s.filters.iter().any(|f| filter_matches(f, topic)))
+            .map(|s| s.tx.clone())
+    }
+
     fn route(&self, topic: &str, payload: Bytes, qos: QoS) {
-        let Some(thing) = updraft_protocol::topics::thing_of_topic(topic) else {
-            return;
-        };
-        let tx = match self.inner.sessions.lock() {
-            Ok(s) => s
-                .get(thing)
-                .filter(|s| s.filters.iter().any(|f| filter_matches(f, topic)))
-                .map(|s| s.tx.clone()),
-            Err(_) => None,
-        };
-        if let Some(tx) = tx
+        if let Some(tx) = self.subscriber(topic)
             && tx
                 .try_send(Outgoing::Publish {
                     topic: topic.to_owned(),
@@ -569,6 +570,10 @@ impl MessageBus for Broker {
 
     fn publish(&self, topic: String, payload: Bytes) {
         self.route(&topic, payload, QoS::AtLeastOnce);
+    }
+
+    fn has_subscribers(&self, topic: &str) -> bool {
+        self.subscriber(topic).is_some()
     }
 }
 

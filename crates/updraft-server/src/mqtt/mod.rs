@@ -27,4 +27,9 @@ pub trait MessageBus: Send + Sync + 'static {
     fn send_to(&self, client_id: &str, topic: String, payload: Bytes);
     /// Publishes to whoever subscribed (notifications).
     fn publish(&self, topic: String, payload: Bytes);
+    /// Whether a [`MessageBus::publish`] on `topic` could reach anyone, so a notification
+    /// nobody listens for need not be built. An external broker cannot tell: always true.
+    fn has_subscribers(&self, _topic: &str) -> bool {
+        true
+    }
 }
