@@ -1598,3 +1598,62 @@ async fn migrations_apply_once_and_data_survives_reconnect() {
     let s = SqlStore::connect(&url).await.expect("second");
     assert!(s.get_thing("kept").await.expect("get").is_some());
 }
+
+#[tokio::test]
+async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
+    // On SQLite a batch is one multi-statement query from BEGIN to COMMIT: a statement
+    // failing midway must leave nothing written and no transaction open on the writer's
+    // connection. Here the completion statement fails (its table is renamed away) after
+    // the execution's UPDATE has run.
+    let dir = tempdir::Guard::new();
+    let url = format!("sqlite://{}/batch.db", dir.path.display());
+    let s = SqlStore::connect(&url).await.expect("store");
+    s.create_job(
+        &job("fail", TargetSelection::Snapshot, &[]),
+        &[execution("fail", "x")],
+    )
+    .await
+    .expect("create");
+    let before = s
+        .get_execution("fail", "x", None)
+        .await
+        .expect("get")
+        .expect("exists");
+    let mut done = before.clone();
+    done.status = ExecutionStatus::Succeeded;
+    done.version += 1;
+    done.updated_ms = 9_000;
+
+    sqlx::any::install_default_drivers();
+    let side = sqlx::AnyPool::connect(&url).await.expect("side connection");
+    sqlx::raw_sql("ALTER TABLE jobs RENAME TO jobs_away")
+        .execute(&side)
+        .await
+        .expect("rename");
+    assert!(
+        s.device_writes(&[DeviceWrite::Update(done.clone())])
+            .await
+            .is_err(),
+        "the batch fails"
+    );
+    sqlx::raw_sql("ALTER TABLE jobs_away RENAME TO jobs")
+        .execute(&side)
+        .await
+        .expect("rename back");
+    side.close().await;
+    assert_eq!(
+        s.get_execution("fail", "x", None).await.expect("get"),
+        Some(before),
+        "nothing of the failed batch was written"
+    );
+
+    let out = s
+        .device_writes(&[DeviceWrite::Update(done.clone())])
+        .await
+        .expect("the next batch runs");
+    assert_eq!(out, [DeviceWriteOutcome::Ended(vec![])]);
+    assert_eq!(
+        s.get_job("fail").await.expect("get").map(|j| j.status),
+        Some(JobStatus::Completed)
+    );
+}
