@@ -11,6 +11,9 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::auth::{self, AuthError, Claim, SignedRequest};
 use crate::error::{ApiError, ErrorCode, ErrorShape, JSON11};
@@ -20,10 +23,12 @@ use crate::server::AppState;
 pub const MAX_API_BODY: usize = 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
+    // Behind an Arc, the state costs each request one reference count rather than a deep
+    // clone (its strings included) and the matching drop.
     Router::new()
         .route("/health", axum::routing::get(health))
         .fallback(dispatch)
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
 async fn health() -> impl IntoResponse {
@@ -71,20 +76,42 @@ pub struct ApiRequest {
     pub body: Bytes,
 }
 
-async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let mut resp = dispatch_inner(state, req).await;
+async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let mut resp = dispatch_inner(&state, req).await;
     // S3 errors name their request id in the body too; keep the one they chose.
     let headers = resp.headers_mut();
-    let id = headers
-        .get(&AMZ_REQUEST_ID)
-        .cloned()
-        .or_else(|| HeaderValue::from_str(&request_id).ok());
-    if let Some(v) = id {
-        headers.insert(AMZN_REQUEST_ID, v.clone());
-        headers.insert(AMZ_REQUEST_ID, v);
-    }
+    let id = match headers.get(&AMZ_REQUEST_ID) {
+        Some(v) => v.clone(),
+        None => request_id(),
+    };
+    headers.insert(AMZN_REQUEST_ID, id.clone());
+    headers.insert(AMZ_REQUEST_ID, id);
     resp
+}
+
+/// A fresh request id: a random (v4) UUID, as before, without a call for OS randomness on
+/// every request. Its bits are a keyed hash (SipHash under a key std draws from the OS)
+/// of a per-process counter: as unpredictable and as unlikely to repeat as OS random
+/// bytes, for ids that are not secrets anyway.
+fn request_id() -> HeaderValue {
+    static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let key = KEY.get_or_init(std::hash::RandomState::new);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let half = |salt: u64| {
+        let mut h = key.build_hasher();
+        h.write_u64(n);
+        h.write_u64(salt);
+        h.finish()
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&half(0).to_le_bytes());
+    bytes[8..].copy_from_slice(&half(1).to_le_bytes());
+    let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = id.hyphenated().encode_lower(&mut buf);
+    // Lowercase hex and hyphens are always a valid header value.
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The request id headers (names parsed once; they are on every response).
@@ -137,31 +164,38 @@ fn auth_error_as(e: &AuthError, s3: bool, shape: ErrorShape) -> Response {
     ApiError::new(code, e.to_string()).into_response_as(shape)
 }
 
-async fn dispatch_inner(state: AppState, req: Request) -> Response {
+async fn dispatch_inner(state: &AppState, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let raw_path = parts.uri.path().to_owned();
-    let raw_query = parts.uri.query().unwrap_or("").to_owned();
+    // A URI clone shares its bytes (a reference count, no copy).
+    let uri = parts.uri.clone();
+    let raw_path = uri.path();
+    let raw_query = uri.query().unwrap_or("");
     let signed = SignedRequest {
         method: &parts.method,
-        raw_path: &raw_path,
-        raw_query: &raw_query,
+        raw_path,
+        raw_query,
         headers: &parts.headers,
     };
+    let now = crate::clock::now_ms();
+    // A device downloading by Range asks for one pre-signed URL over and over: after its
+    // first verification, the same bytes are known good until the URL expires.
+    if let Some(principal) = state.keys.verified_url(&signed, now) {
+        return crate::s3::handle(state, &principal, parts, body).await;
+    }
     let claim = match Claim::from_request(&signed) {
         Ok(c) => c,
         Err(e) if is_acm(&parts.headers) => return auth_error_as(&e, false, ErrorShape::Json11),
-        Err(e) if looks_like_signer(&raw_path) => {
+        Err(e) if looks_like_signer(raw_path) => {
             return auth_error_as(&e, false, ErrorShape::Signer);
         }
-        Err(e) => return auth_error(&e, looks_like_s3(&raw_path)),
+        Err(e) => return auth_error(&e, looks_like_s3(raw_path)),
     };
-    let now = crate::clock::now_ms();
     if claim.service == "s3" {
-        let principal = match auth::verify(&signed, &claim, &state.keys, None, now) {
+        let principal = match auth::verify_s3(&signed, &claim, &state.keys, now) {
             Ok(p) => p,
             Err(e) => return auth_error(&e, true),
         };
-        return crate::s3::handle(&state, &principal, parts, body).await;
+        return crate::s3::handle(state, &principal, parts, body).await;
     }
     let shape = shape_of(&claim.service);
     let body = match axum::body::to_bytes(body, MAX_API_BODY).await {
@@ -190,15 +224,15 @@ async fn dispatch_inner(state: AppState, req: Request) -> Response {
         service: claim.service.clone(),
         method: parts.method,
         segments,
-        query: auth::query_pairs(&raw_query),
+        query: auth::query_pairs(raw_query),
         headers: parts.headers,
         body,
     };
     let result = match api.service.as_str() {
-        "iot" => crate::iot::handle(&state, &api).await,
-        "iot-jobs-data" => crate::dataplane::jobs_http::handle(&state, &api).await,
-        "signer" => crate::signer::handle(&state, &api).await,
-        "acm" => crate::acm::handle(&state, &api).await,
+        "iot" => crate::iot::handle(state, &api).await,
+        "iot-jobs-data" => crate::dataplane::jobs_http::handle(state, &api).await,
+        "signer" => crate::signer::handle(state, &api).await,
+        "acm" => crate::acm::handle(state, &api).await,
         other => Err(ApiError::new(
             ErrorCode::NotImplemented,
             format!("Updraft does not serve the '{other}' service"),
@@ -222,4 +256,22 @@ pub fn json_response(value: serde_json::Value) -> Response {
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_distinct_v4_uuids() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = request_id();
+            let text = id.to_str().unwrap_or_default().to_owned();
+            let parsed = uuid::Uuid::parse_str(&text).expect("a UUID");
+            assert_eq!(parsed.get_version_num(), 4);
+            assert_eq!(text, parsed.hyphenated().to_string());
+            assert!(seen.insert(text), "ids repeat");
+        }
+    }
 }

@@ -23,6 +23,7 @@ use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::artifacts::ArtifactError;
@@ -174,15 +175,19 @@ impl From<ArtifactError> for S3Error {
     }
 }
 
-/// The decoded query string of a request.
-pub(crate) struct Query(Vec<(String, String)>);
+/// The decoded query string of a request (borrowing from it what needs no decoding).
+pub(crate) struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
-impl Query {
+impl<'a> Query<'a> {
+    pub fn parse(raw: &'a str) -> Self {
+        Query(crate::auth::query_pairs_cow(raw))
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -195,7 +200,7 @@ impl Query {
     pub fn only(&self, allowed: &[&str]) -> Result<(), S3Error> {
         for (k, _) in &self.0 {
             let bookkeeping = k.starts_with("X-Amz-") || k.starts_with("x-amz-") || k == "x-id";
-            if !bookkeeping && !allowed.contains(&k.as_str()) {
+            if !bookkeeping && !allowed.contains(&k.as_ref()) {
                 return Err(S3Error::not_implemented(format!(
                     "Updraft does not support the '{k}' parameter or subresource here"
                 )));
@@ -213,7 +218,7 @@ pub(crate) struct Ctx<'a> {
     pub bucket: String,
     /// Decoded object key; empty for service and bucket requests.
     pub key: String,
-    pub query: Query,
+    pub query: Query<'a>,
     pub headers: HeaderMap,
 }
 
@@ -255,16 +260,22 @@ fn split_path(raw_path: &str) -> (String, String) {
 
 /// Serves one authenticated S3 request.
 pub async fn handle(state: &AppState, principal: &Principal, parts: Parts, body: Body) -> Response {
-    let raw_path = parts.uri.path().to_owned();
-    let (bucket, key) = split_path(&raw_path);
+    let Parts {
+        method,
+        uri,
+        headers,
+        ..
+    } = parts;
+    let raw_path = uri.path();
+    let (bucket, key) = split_path(raw_path);
     let ctx = Ctx {
         state,
         principal,
-        method: parts.method,
+        method,
         bucket,
         key,
-        query: Query(crate::auth::query_pairs(parts.uri.query().unwrap_or(""))),
-        headers: parts.headers,
+        query: Query::parse(uri.query().unwrap_or("")),
+        headers,
     };
     let writes = !matches!(ctx.method, Method::GET | Method::HEAD);
     let routed = route(&ctx, body).await;
@@ -517,7 +528,7 @@ pub(crate) fn unquote_etag(s: &str) -> &str {
 }
 
 /// Whether `encoding-type=url` was asked for (anything else is an error).
-pub(crate) fn url_encoding(q: &Query) -> Result<bool, S3Error> {
+pub(crate) fn url_encoding(q: &Query<'_>) -> Result<bool, S3Error> {
     match q.get("encoding-type") {
         None => Ok(false),
         Some(t) if t.eq_ignore_ascii_case("url") => Ok(true),
@@ -537,7 +548,7 @@ pub(crate) fn listed(s: &str, url: bool) -> String {
 }
 
 /// A `max-keys`-style parameter: default when absent, capped at 1000.
-pub(crate) fn max_param(q: &Query, name: &str) -> Result<usize, S3Error> {
+pub(crate) fn max_param(q: &Query<'_>, name: &str) -> Result<usize, S3Error> {
     match q.get(name) {
         None => Ok(1000),
         Some(v) => v
@@ -581,12 +592,10 @@ mod tests {
 
     #[test]
     fn query_allow_lists() {
-        let q = Query(crate::auth::query_pairs(
-            "versionId=1&x-id=GetObject&X-Amz-Date=1",
-        ));
+        let q = Query::parse("versionId=1&x-id=GetObject&X-Amz-Date=1");
         assert!(q.only(&["versionId"]).is_ok());
         assert_eq!(q.get("versionId"), Some("1"));
-        let q = Query(crate::auth::query_pairs("tagging"));
+        let q = Query::parse("tagging");
         assert!(q.has("tagging"));
         assert_eq!(
             q.only(&["versionId"]).map_err(|e| e.code),

@@ -2,7 +2,7 @@
 //! DeleteObjects.
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use std::ops::Range;
 
@@ -184,17 +184,24 @@ fn etag_matches(condition: &str, etag: &str) -> bool {
         .any(|c| c == "*" || unquote_etag(c) == unquote_etag(etag))
 }
 
-/// The headers GetObject and HeadObject share.
+/// The headers GetObject and HeadObject share. Every download by Range comes here, so the
+/// fixed names are constants and values are made without intermediate copies.
 fn object_headers(ctx: &Ctx<'_>, o: &ObjectVersion, h: &mut HeaderMap) {
-    put_header(h, "etag", &o.etag);
-    put_header(h, "last-modified", &crate::clock::http_date(o.created_ms));
-    put_header(h, "accept-ranges", "bytes");
+    if let Ok(v) = HeaderValue::from_str(&o.etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(crate::clock::http_date(o.created_ms)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     put_version_header(h, &o.version_id);
-    put_header(
-        h,
-        "content-type",
-        o.content_type.as_deref().unwrap_or("binary/octet-stream"),
-    );
+    let content_type = match o.content_type.as_deref() {
+        None => Ok(HeaderValue::from_static("binary/octet-stream")),
+        Some(t) => HeaderValue::from_str(t),
+    };
+    if let Ok(v) = content_type {
+        h.insert(header::CONTENT_TYPE, v);
+    }
     for (k, v) in &o.metadata {
         put_header(h, &format!("x-amz-meta-{k}"), v);
     }
@@ -307,15 +314,15 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
     object_headers(ctx, &o, h);
     match &range {
         Some(r) => {
-            put_header(h, "content-length", &(r.end - r.start).to_string());
-            put_header(
-                h,
-                "content-range",
-                &format!("bytes {}-{}/{}", r.start, r.end - 1, o.size),
-            );
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
+            if let Ok(v) =
+                HeaderValue::try_from(format!("bytes {}-{}/{}", r.start, r.end - 1, o.size))
+            {
+                h.insert(header::CONTENT_RANGE, v);
+            }
         }
         None => {
-            put_header(h, "content-length", &o.size.to_string());
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(o.size));
             if ctx
                 .header("x-amz-checksum-mode")
                 .is_some_and(|m| m.eq_ignore_ascii_case("enabled"))
