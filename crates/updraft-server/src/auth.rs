@@ -5,11 +5,12 @@
 //! client meant (`iot`, `iot-jobs-data`, `signer`, `s3`, ...), which is how one
 //! listener serves several AWS services whose routes collide.
 
+use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
@@ -328,8 +329,8 @@ const MAX_VERIFIED_URLS: usize = 16 * 1024;
 
 /// Pre-signed `GET` URLs that passed [`verify`], with who signed them.
 ///
-/// Entries are found by a keyed hash of method, path and query, then compared in full
-/// (path, query and every signed header's values, byte for byte), so any difference from
+/// Entries are found by a keyed hash of the query, then compared in full (method, path,
+/// query and every signed header's values, byte for byte), so any difference from
 /// the request that was verified is a miss and goes through full verification; a hash
 /// collision, engineered or not, can only cost a miss. An entry answers only while the
 /// verification it stands for would still succeed: [`verify`]'s time window is checked
@@ -383,12 +384,10 @@ impl VerifiedUrls {
         }
     }
 
-    fn slot(&self, method: &Method, path: &str, query: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        method.as_str().hash(&mut h);
-        path.hash(&mut h);
-        query.hash(&mut h);
-        h.finish()
+    /// Where a request's entry would be: a hash of its query alone, which holds the
+    /// signature (distinct for every URL); method, path and headers are compared.
+    fn slot(&self, query: &str) -> u64 {
+        self.hasher.hash_one(query)
     }
 
     fn len(&self) -> usize {
@@ -398,10 +397,10 @@ impl VerifiedUrls {
     fn get(&self, req: &SignedRequest<'_>, now_ms: i64) -> Option<Arc<Principal>> {
         // The Authorization header takes precedence over the query (see
         // [`Claim::from_request`]): such a request is not the URL that was verified.
-        if *req.method != Method::GET || req.headers.contains_key("authorization") {
+        if *req.method != Method::GET || req.headers.contains_key(AUTHORIZATION) {
             return None;
         }
-        let slot = self.slot(req.method, req.raw_path, req.raw_query);
+        let slot = self.slot(req.raw_query);
         let m = self.entries.read().ok()?;
         let e = m.get(&slot)?;
         let same = e.method == *req.method
@@ -429,7 +428,17 @@ impl VerifiedUrls {
             let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
                 return;
             };
-            let values: Box<[HeaderValue]> = req.headers.get_all(&name).iter().cloned().collect();
+            // Copied rather than cloned: a clone would share, and so keep alive, the
+            // connection's whole read buffer the request was parsed from.
+            let values: Result<Box<[HeaderValue]>, _> = req
+                .headers
+                .get_all(&name)
+                .iter()
+                .map(|v| HeaderValue::from_bytes(v.as_bytes()))
+                .collect();
+            let Ok(values) = values else {
+                return;
+            };
             headers.push((name, values));
         }
         let entry = VerifiedUrl {
@@ -441,7 +450,7 @@ impl VerifiedUrls {
             expires_at_ms,
             principal,
         };
-        let slot = self.slot(req.method, req.raw_path, req.raw_query);
+        let slot = self.slot(req.raw_query);
         let Ok(mut m) = self.entries.write() else {
             return;
         };

@@ -4,16 +4,20 @@
 //! `acm` (json 1.1, `POST /` with `X-Amz-Target`) and `s3`. Errors take the shape of the
 //! service's protocol.
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::body::{Body, HttpBody};
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
+use std::convert::Infallible;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::TcpListener;
 
 use crate::auth::{self, AuthError, Claim, SignedRequest};
 use crate::error::{ApiError, ErrorCode, ErrorShape, JSON11};
@@ -22,17 +26,93 @@ use crate::server::AppState;
 /// Largest control-plane request body (job documents are ≤ 32 KiB).
 pub const MAX_API_BODY: usize = 1024 * 1024;
 
-pub fn router(state: AppState) -> Router {
-    // Behind an Arc, the state costs each request one reference count rather than a deep
-    // clone (its strings included) and the matching drop.
-    Router::new()
-        .route("/health", axum::routing::get(health))
-        .fallback(dispatch)
-        .with_state(Arc::new(state))
+/// Serves HTTP on `listener` until `shutdown` resolves, then lets every connection finish
+/// the request it is on and waits for them to close.
+///
+/// hyper directly, without axum's router and server loop: with `/health` as the only
+/// route, every request goes to [`dispatch`], and a device's download request (one per
+/// Range block) should cost little more than the HTTP exchange itself. What axum's router
+/// did besides (Content-Length, HEAD) is done in [`dispatch`]; its accept loop's handling
+/// of accept errors is kept. Per connection: TCP_NODELAY, so that small answers do not wait
+/// for the client's delayed ACK; and half-close allowed, which spares each request a read
+/// that hyper otherwise makes while the handler runs, to notice a client that hung up (a
+/// syscall and a fresh read buffer per request); a vanished client is noticed on writing.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = Arc::new(state);
+    // Told when shutdown starts; closed once every connection has dropped its receiver.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let state = state.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(dispatch(state, req.map(Body::new)).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .half_close(true)
+                .serve_connection(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(());
+    stop_tx.closed().await;
+    Ok(())
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// As axum's server loop (after hyper 0.14's): a connection that failed before it was
+/// accepted is skipped; anything else (no file descriptors left, say) is logged and
+/// retried after a second.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept error: {e}");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+fn health(method: &Method) -> Response {
+    if matches!(*method, Method::GET | Method::HEAD) {
+        return axum::Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
+    let mut resp = StatusCode::METHOD_NOT_ALLOWED.into_response();
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET,HEAD"));
+    resp
 }
 
 /// First path segments of the control-plane services; anything else is S3 (path style).
@@ -76,8 +156,24 @@ pub struct ApiRequest {
     pub body: Bytes,
 }
 
-async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let mut resp = dispatch_inner(&state, req).await;
+async fn dispatch(state: Arc<AppState>, req: Request) -> Response {
+    let method = req.method().clone();
+    let mut resp = if req.uri().path() == "/health" {
+        health(&method)
+    } else {
+        dispatch_inner(&state, req).await
+    };
+    // As axum's router did: a body of known size is announced (Content-Length), and a
+    // HEAD answer keeps the headers of a GET and drops the body.
+    if !resp.headers().contains_key(header::CONTENT_LENGTH)
+        && let Some(size) = resp.body().size_hint().exact()
+    {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    if method == Method::HEAD {
+        *resp.body_mut() = Body::empty();
+    }
     // S3 errors name their request id in the body too; keep the one they chose.
     let headers = resp.headers_mut();
     let id = match headers.get(&AMZ_REQUEST_ID) {
@@ -197,6 +293,27 @@ async fn dispatch_inner(state: &AppState, req: Request) -> Response {
         };
         return crate::s3::handle(state, &principal, parts, body).await;
     }
+    // Boxed: the control plane's handlers make a large state machine, which every S3
+    // request's future would otherwise be sized for (and allocate and move).
+    Box::pin(control_plane(state, parts, body, claim, now)).await
+}
+
+/// A request to a service other than S3 (its claim read, not yet verified).
+async fn control_plane(
+    state: &AppState,
+    parts: axum::http::request::Parts,
+    body: Body,
+    claim: Claim,
+    now: i64,
+) -> Response {
+    let raw_path = parts.uri.path();
+    let raw_query = parts.uri.query().unwrap_or("");
+    let signed = SignedRequest {
+        method: &parts.method,
+        raw_path,
+        raw_query,
+        headers: &parts.headers,
+    };
     let shape = shape_of(&claim.service);
     let body = match axum::body::to_bytes(body, MAX_API_BODY).await {
         Ok(b) => b,

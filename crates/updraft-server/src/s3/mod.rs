@@ -194,6 +194,11 @@ impl<'a> Query<'a> {
         self.0.iter().any(|(k, _)| k == name)
     }
 
+    /// Whether any parameter's name starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.0.iter().any(|(k, _)| k.starts_with(prefix))
+    }
+
     /// Refuses parameters outside `allowed` (apart from SigV4 and SDK bookkeeping), so
     /// that an unsupported subresource (`?acl`, `?tagging`, ...) is never mistaken for
     /// a plain object or bucket operation.
@@ -296,7 +301,41 @@ pub async fn handle(state: &AppState, principal: &Principal, parts: Parts, body:
     resp
 }
 
+/// The parameters GetObject and HeadObject accept.
+const GET_OBJECT: &[&str] = &[
+    "versionId",
+    "partNumber",
+    "response-content-type",
+    "response-content-disposition",
+    "response-content-encoding",
+    "response-content-language",
+    "response-cache-control",
+    "response-expires",
+];
+
 async fn route(ctx: &Ctx<'_>, body: Body) -> Result<Response, S3Error> {
+    // An object read (devices' downloads) is awaited in place, as [`route_any`] would;
+    // every other operation is boxed, so that their larger state machines do not size
+    // (and cost an allocation and a move for) each download's future.
+    let object_read = !ctx.bucket.is_empty()
+        && !ctx.key.is_empty()
+        && ctx.key.len() <= MAX_KEY_LEN
+        && match ctx.method {
+            Method::GET => !ctx.query.has("uploadId"),
+            Method::HEAD => true,
+            _ => false,
+        };
+    if object_read {
+        ctx.query.only(GET_OBJECT)?;
+        return objects::get_object(ctx).await;
+    }
+    Box::pin(route_any(ctx, body)).await
+}
+
+/// The longest object key.
+const MAX_KEY_LEN: usize = 1024;
+
+async fn route_any(ctx: &Ctx<'_>, body: Body) -> Result<Response, S3Error> {
     let q = &ctx.query;
     let m = &ctx.method;
     if ctx.bucket.is_empty() {
@@ -315,23 +354,13 @@ async fn route(ctx: &Ctx<'_>, body: Body) -> Result<Response, S3Error> {
     if ctx.key.is_empty() {
         return bucket_route(ctx, body).await;
     }
-    if ctx.key.len() > 1024 {
+    if ctx.key.len() > MAX_KEY_LEN {
         return Err(S3Error::new(
             StatusCode::BAD_REQUEST,
             "KeyTooLongError",
             "Your key is too long",
         ));
     }
-    const GET_OBJECT: &[&str] = &[
-        "versionId",
-        "partNumber",
-        "response-content-type",
-        "response-content-disposition",
-        "response-content-encoding",
-        "response-content-language",
-        "response-cache-control",
-        "response-expires",
-    ];
     match *m {
         Method::GET if q.has("uploadId") => {
             q.only(&[

@@ -4,6 +4,7 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
+use std::fmt::Write;
 use std::ops::Range;
 
 use super::body::{self, MAX_OBJECT_SIZE};
@@ -205,6 +206,10 @@ fn object_headers(ctx: &Ctx<'_>, o: &ObjectVersion, h: &mut HeaderMap) {
     for (k, v) in &o.metadata {
         put_header(h, &format!("x-amz-meta-{k}"), v);
     }
+    // Asking for each override in turn is six scans of the query; most requests have none.
+    if !ctx.query.has_prefix("response-") {
+        return;
+    }
     for (param, header) in [
         ("response-content-type", "content-type"),
         ("response-content-disposition", "content-disposition"),
@@ -315,9 +320,9 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
     match &range {
         Some(r) => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
-            if let Ok(v) =
-                HeaderValue::try_from(format!("bytes {}-{}/{}", r.start, r.end - 1, o.size))
-            {
+            let mut range = String::with_capacity(64);
+            let _ = write!(range, "bytes {}-{}/{}", r.start, r.end - 1, o.size);
+            if let Ok(v) = HeaderValue::try_from(range) {
                 h.insert(header::CONTENT_RANGE, v);
             }
         }
@@ -343,12 +348,14 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
     }
     // Firmware-sized objects come from the data plane's blob cache: a fleet downloading one
     // image by Range requests reads it from disk once.
+    // The reads from the artifact store are boxed: their state machines would size every
+    // download's future, while a fleet's requests find the blob in memory.
     if o.size <= crate::dataplane::MAX_CACHED_FILE {
-        let all = ctx
-            .state
-            .data_plane
-            .blob_bytes(ctx.state, &o.blob, o.size)
-            .await?;
+        let dp = &ctx.state.data_plane;
+        let all = match dp.cached_blob(&o.blob) {
+            Some(b) => b,
+            None => Box::pin(dp.blob_bytes(ctx.state, &o.blob, o.size)).await?,
+        };
         let part = match &range {
             Some(r) => usize::try_from(r.start)
                 .ok()
@@ -365,7 +372,7 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
         *resp.body_mut() = Body::from(part);
         return Ok(resp);
     }
-    let stream = ctx.state.artifacts.read(&o.blob, range).await?;
+    let stream = Box::pin(ctx.state.artifacts.read(&o.blob, range)).await?;
     *resp.body_mut() = Body::from_stream(stream);
     Ok(resp)
 }
