@@ -690,19 +690,11 @@ fn hex_val(c: u8) -> Option<u8> {
 
 /// Splits a raw query string into decoded pairs, keeping repeated keys.
 pub fn query_pairs(raw: &str) -> Vec<(String, String)> {
-    query_pairs_cow(raw)
-        .into_iter()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
-
-/// [`query_pairs`], borrowing from `raw` what needs no decoding.
-pub fn query_pairs_cow(raw: &str) -> Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
     raw.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode_cow(k), percent_decode_cow(v))
+            (percent_decode(k), percent_decode(v))
         })
         .collect()
 }

@@ -175,19 +175,41 @@ impl From<ArtifactError> for S3Error {
     }
 }
 
-/// The decoded query string of a request (borrowing from it what needs no decoding).
-pub(crate) struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+/// The query string of a request: names decoded, values decoded when first asked for
+/// (a pre-signed URL's own parameters, asked for by no one, never are), borrowing from
+/// the request what needs no decoding.
+pub(crate) struct Query<'a>(Vec<(Cow<'a, str>, Value<'a>)>);
+
+/// A query parameter's value, as sent and, if it has escapes, decoded.
+struct Value<'a> {
+    raw: &'a str,
+    decoded: std::sync::OnceLock<String>,
+}
 
 impl<'a> Query<'a> {
     pub fn parse(raw: &'a str) -> Self {
-        Query(crate::auth::query_pairs_cow(raw))
+        // Room for a pre-signed URL's parameters and a few more without growing.
+        let mut pairs = Vec::with_capacity(8);
+        for p in raw.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let value = Value {
+                raw: v,
+                decoded: std::sync::OnceLock::new(),
+            };
+            pairs.push((crate::auth::percent_decode_cow(k), value));
+        }
+        Query(pairs)
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_ref())
+        let (_, v) = self.0.iter().find(|(k, _)| k == name)?;
+        Some(if v.raw.contains('%') {
+            v.decoded
+                .get_or_init(|| crate::auth::percent_decode(v.raw))
+                .as_str()
+        } else {
+            v.raw
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -624,6 +646,12 @@ mod tests {
         let q = Query::parse("versionId=1&x-id=GetObject&X-Amz-Date=1");
         assert!(q.only(&["versionId"]).is_ok());
         assert_eq!(q.get("versionId"), Some("1"));
+        let q = Query::parse("a%20b=x%2Fy&c=%ZZ&d");
+        assert_eq!(q.get("a b"), Some("x/y"));
+        assert_eq!(q.get("a b"), Some("x/y"));
+        assert_eq!(q.get("c"), Some("%ZZ"));
+        assert_eq!(q.get("d"), Some(""));
+        assert!(q.has("d") && !q.has("a%20b") && q.get("e").is_none());
         let q = Query::parse("tagging");
         assert!(q.has("tagging"));
         assert_eq!(

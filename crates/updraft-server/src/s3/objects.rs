@@ -314,7 +314,10 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
         RangeRequest::Full => None,
         RangeRequest::Partial(r) => Some(r),
     };
-    let mut resp = empty_response(StatusCode::OK);
+    let mut resp = Response::new(Body::empty());
+    // Sized for an object's usual headers (with the request ids added on the way out) in
+    // one allocation, half the size `empty_response` reserves.
+    *resp.headers_mut() = HeaderMap::with_capacity(12);
     let h = resp.headers_mut();
     object_headers(ctx, &o, h);
     match &range {
