@@ -251,7 +251,7 @@ pub(crate) struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// A request header as text, if present and visible ASCII.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 

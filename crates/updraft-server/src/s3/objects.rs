@@ -188,10 +188,11 @@ fn etag_matches(condition: &str, etag: &str) -> bool {
 /// The headers GetObject and HeadObject share. Every download by Range comes here, so the
 /// fixed names are constants and values are made without intermediate copies.
 fn object_headers(ctx: &Ctx<'_>, o: &ObjectVersion, h: &mut HeaderMap) {
-    if let Ok(v) = HeaderValue::from_str(&o.etag) {
+    let (etag, last_modified) = validators(o);
+    if let Some(v) = etag {
         h.insert(header::ETAG, v);
     }
-    if let Ok(v) = HeaderValue::try_from(crate::clock::http_date(o.created_ms)) {
+    if let Some(v) = last_modified {
         h.insert(header::LAST_MODIFIED, v);
     }
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -222,6 +223,29 @@ fn object_headers(ctx: &Ctx<'_>, o: &ObjectVersion, h: &mut HeaderMap) {
             put_header(h, header, v);
         }
     }
+}
+
+/// An object's `ETag` and `Last-Modified` header values. A fleet downloading one image
+/// asks for the same pair on every request, so each thread keeps the last pair it made
+/// (a clone is a reference count; making them is formatting a date and two copies).
+fn validators(o: &ObjectVersion) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    type Made = (i64, String, Option<HeaderValue>, Option<HeaderValue>);
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Made>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((at, etag, e, m)) = last.as_ref()
+            && *at == o.created_ms
+            && *etag == o.etag
+        {
+            return (e.clone(), m.clone());
+        }
+        let e = HeaderValue::from_str(&o.etag).ok();
+        let m = HeaderValue::try_from(crate::clock::http_date(o.created_ms)).ok();
+        *last = Some((o.created_ms, o.etag.clone(), e.clone(), m.clone()));
+        (e, m)
+    })
 }
 
 /// GetObject, and HeadObject (same answer without a body).
@@ -281,7 +305,7 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
             e.with_header("x-amz-version-id", o.version_id.clone())
         });
     }
-    if let Some(c) = ctx.header("if-match")
+    if let Some(c) = ctx.header(header::IF_MATCH)
         && !etag_matches(c, &o.etag)
     {
         return Err(S3Error::new(
@@ -290,7 +314,7 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
             "At least one of the pre-conditions you specified did not hold",
         ));
     }
-    if let Some(c) = ctx.header("if-none-match")
+    if let Some(c) = ctx.header(header::IF_NONE_MATCH)
         && etag_matches(c, &o.etag)
     {
         let mut resp = empty_response(StatusCode::NOT_MODIFIED);
@@ -302,7 +326,7 @@ pub async fn get_object(ctx: &Ctx<'_>) -> Result<Response, S3Error> {
         );
         return Ok(resp);
     }
-    let range = match parse_range(ctx.header("range"), o.size) {
+    let range = match parse_range(ctx.header(header::RANGE), o.size) {
         RangeRequest::Unsatisfiable => {
             return Err(S3Error::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
