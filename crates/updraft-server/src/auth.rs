@@ -323,14 +323,17 @@ pub fn verify_s3(
     Ok(principal)
 }
 
+/// How much of the end of a query places its entry: a hex SigV4 signature.
+const SLOT_BYTES: usize = 64;
+
 /// Verified pre-signed URLs per key ring, at most this many (about 0.5 KiB each).
 /// Each device is handed its own URL, so this is a fleet downloading at once.
 const MAX_VERIFIED_URLS: usize = 16 * 1024;
 
 /// Pre-signed `GET` URLs that passed [`verify`], with who signed them.
 ///
-/// Entries are found by a keyed hash of the query, then compared in full (method, path,
-/// query and every signed header's values, byte for byte), so any difference from
+/// Entries are found by a keyed hash of the query's signature, then compared in full
+/// (method, path, query and every signed header's values, byte for byte), so any difference from
 /// the request that was verified is a miss and goes through full verification; a hash
 /// collision, engineered or not, can only cost a miss. An entry answers only while the
 /// verification it stands for would still succeed: [`verify`]'s time window is checked
@@ -384,10 +387,13 @@ impl VerifiedUrls {
         }
     }
 
-    /// Where a request's entry would be: a hash of its query alone, which holds the
-    /// signature (distinct for every URL); method, path and headers are compared.
+    /// Where a request's entry would be: a hash of the end of its query, where signers
+    /// (Updraft, the AWS SDKs) put the signature, distinct for every URL; everything else
+    /// is compared in full. A query ending otherwise only makes URLs share slots (misses).
     fn slot(&self, query: &str) -> u64 {
-        self.hasher.hash_one(query)
+        let tail = query.len().saturating_sub(SLOT_BYTES);
+        self.hasher
+            .hash_one(query.as_bytes().get(tail..).unwrap_or_default())
     }
 
     fn len(&self) -> usize {
