@@ -43,8 +43,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = Arc::new(state);
-    // Told when shutdown starts; closed once every connection has dropped its receiver.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    // Each connection is told that shutdown started by its own oneshot: polling one, as
+    // every wake of the connection does, is an atomic load, where a watch channel shared
+    // by all connections would take a lock they all contend for. Senders of connections
+    // that ended are pruned as the list doubles.
+    let mut stoppers: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    let mut prune_at = 64;
+    // Held (never polled) by every connection: closed once they have all ended.
+    let (done_tx, done_rx) = tokio::sync::watch::channel(());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let tcp = tokio::select! {
@@ -60,8 +66,14 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        if stoppers.len() >= prune_at {
+            stoppers.retain(|s| !s.is_closed());
+            prune_at = (stoppers.len() * 2).max(64);
+        }
+        let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+        stoppers.push(stop_tx);
         let state = state.clone();
-        let mut stop = stop_rx.clone();
+        let done = done_rx.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let state = state.clone();
@@ -72,8 +84,9 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(tcp), service);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
+                biased;
                 r = conn.as_mut() => r,
-                _ = stop.changed() => {
+                _ = &mut stop => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -81,12 +94,15 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
+            drop(done);
         });
     }
     drop(listener);
-    drop(stop_rx);
-    let _ = stop_tx.send(());
-    stop_tx.closed().await;
+    for s in stoppers {
+        let _ = s.send(());
+    }
+    drop(done_rx);
+    done_tx.closed().await;
     Ok(())
 }
 

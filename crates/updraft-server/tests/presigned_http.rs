@@ -191,6 +191,12 @@ async fn presigned_range_downloads_over_one_connection() {
     let h = c.ask("POST", "/health", "Content-Length: 0\r\n").await;
     assert_eq!((h.status, h.header("allow")), (405, Some("GET,HEAD")));
 
+    // Many short connections come and go (the server forgets them as they end).
+    for _ in 0..150 {
+        let mut short = Conn::open(addr).await;
+        assert_eq!(short.ask("GET", "/health", "").await.status, 200);
+    }
+
     // Shutdown does not wait for a connection that is only kept alive.
     let _idle = Conn::open(addr).await;
     let _ = stop_tx.send(());
