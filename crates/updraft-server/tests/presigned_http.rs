@@ -164,7 +164,15 @@ async fn presigned_range_downloads_over_one_connection() {
     let tampered = url.replace("image.bin", "image.bim");
     let a = c.ask("GET", &tampered, "Range: bytes=0-9\r\n").await;
     assert_eq!(a.status, 403);
-    assert!(String::from_utf8_lossy(&a.body).contains("SignatureDoesNotMatch"));
+    let text = String::from_utf8_lossy(&a.body);
+    assert!(text.contains("SignatureDoesNotMatch"));
+    // The error names the request id its headers carry.
+    let id = a.header("x-amz-request-id").expect("a request id");
+    assert!(
+        text.contains(&format!("<RequestId>{id}</RequestId>")),
+        "{text}"
+    );
+    assert_eq!(a.header("x-amzn-requestid"), Some(id));
     let flipped = if url.ends_with('0') { "1" } else { "0" };
     let bad_signature = format!("{}{flipped}", &url[..url.len() - 1]);
     let a = c.ask("GET", &bad_signature, "Range: bytes=0-9\r\n").await;

@@ -150,6 +150,10 @@ impl IntoResponse for S3Error {
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert("content-type", HeaderValue::from_static("application/xml"));
+        // The same id in the header as in the document (the HTTP layer keeps it).
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            h.insert("x-amz-request-id", v);
+        }
         for (name, value) in &self.headers {
             put_header(h, name, value);
         }
