@@ -5,10 +5,13 @@
 //! client meant (`iot`, `iot-jobs-data`, `signer`, `s3`, ...), which is how one
 //! listener serves several AWS services whose routes collide.
 
-use axum::http::{HeaderMap, Method};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -52,16 +55,30 @@ pub struct Principal {
 }
 
 /// The access keys the server accepts.
+///
+/// A key ring never changes after it is made, which is what lets it remember the
+/// pre-signed URLs it verified ([`VerifiedUrls`]): an entry can only go stale by its own
+/// expiry, never because its key was removed. Whoever changes keys makes a new ring, and
+/// with it an empty cache.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
     secrets: HashMap<String, String>,
+    verified: VerifiedUrls,
 }
 
 impl KeyRing {
     pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
         KeyRing {
             secrets: pairs.into_iter().collect(),
+            verified: VerifiedUrls::default(),
         }
+    }
+
+    /// The principal of a pre-signed `GET` this ring verified before, if `req` is exactly
+    /// that request (method, path, query and signed headers byte for byte) and the URL is
+    /// still within its lifetime at `now_ms`. `None` means: verify it in full.
+    pub fn verified_url(&self, req: &SignedRequest<'_>, now_ms: i64) -> Option<Arc<Principal>> {
+        self.verified.get(req, now_ms)
     }
 
     fn secret(&self, access_key: &str) -> Option<&str> {
@@ -281,6 +298,184 @@ pub fn verify(
     })
 }
 
+/// [`verify`] for S3 requests, remembering a verified pre-signed `GET` so that the same URL
+/// asked again (a device downloading by `Range`, one request per block) is answered from
+/// [`KeyRing::verified_url`] instead of a full verification. Only successes are kept.
+pub fn verify_s3(
+    req: &SignedRequest<'_>,
+    claim: &Claim,
+    keys: &KeyRing,
+    now_ms: i64,
+) -> Result<Arc<Principal>, AuthError> {
+    let principal = Arc::new(verify(req, claim, keys, None, now_ms)?);
+    if let Some(expires) = claim.expires
+        && *req.method == Method::GET
+        && let Some(signed_at_ms) = crate::clock::parse_amz_date(&claim.amz_date)
+    {
+        keys.verified.insert(
+            req,
+            claim,
+            (signed_at_ms, signed_at_ms + expires * 1000),
+            principal.clone(),
+            now_ms,
+        );
+    }
+    Ok(principal)
+}
+
+/// How much of the end of a query places its entry: a hex SigV4 signature.
+const SLOT_BYTES: usize = 64;
+
+/// Verified pre-signed URLs per key ring, at most this many (about 0.5 KiB each).
+/// Each device is handed its own URL, so this is a fleet downloading at once.
+const MAX_VERIFIED_URLS: usize = 16 * 1024;
+
+/// Pre-signed `GET` URLs that passed [`verify`], with who signed them.
+///
+/// Entries are found by a keyed hash of the query's signature, then compared in full
+/// (method, path, query and every signed header's values, byte for byte), so any difference from
+/// the request that was verified is a miss and goes through full verification; a hash
+/// collision, engineered or not, can only cost a miss. An entry answers only while the
+/// verification it stands for would still succeed: [`verify`]'s time window is checked
+/// again on every hit, and the key that signed it cannot go away (see [`KeyRing`]).
+/// Only verified URLs get in, so filling it takes valid signatures; it is bounded all
+/// the same.
+struct VerifiedUrls {
+    entries: RwLock<HashMap<u64, VerifiedUrl>>,
+    hasher: RandomState,
+    capacity: usize,
+}
+
+struct VerifiedUrl {
+    method: Method,
+    path: Box<str>,
+    query: Box<str>,
+    /// Every signed header with its values as they were received.
+    headers: Box<[(HeaderName, Box<[HeaderValue]>)]>,
+    signed_at_ms: i64,
+    expires_at_ms: i64,
+    principal: Arc<Principal>,
+}
+
+impl Default for VerifiedUrls {
+    fn default() -> Self {
+        Self::with_capacity(MAX_VERIFIED_URLS)
+    }
+}
+
+/// A copy of a key ring starts with nothing verified (it is re-learnt in one request).
+impl Clone for VerifiedUrls {
+    fn clone(&self) -> Self {
+        Self::with_capacity(self.capacity)
+    }
+}
+
+impl std::fmt::Debug for VerifiedUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedUrls")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl VerifiedUrls {
+    fn with_capacity(capacity: usize) -> Self {
+        VerifiedUrls {
+            entries: RwLock::new(HashMap::new()),
+            hasher: RandomState::new(),
+            capacity,
+        }
+    }
+
+    /// Where a request's entry would be: a hash of the end of its query, where signers
+    /// (Updraft, the AWS SDKs) put the signature, distinct for every URL; everything else
+    /// is compared in full. A query ending otherwise only makes URLs share slots (misses).
+    fn slot(&self, query: &str) -> u64 {
+        let tail = query.len().saturating_sub(SLOT_BYTES);
+        self.hasher
+            .hash_one(query.as_bytes().get(tail..).unwrap_or_default())
+    }
+
+    fn len(&self) -> usize {
+        self.entries.read().map_or(0, |m| m.len())
+    }
+
+    fn get(&self, req: &SignedRequest<'_>, now_ms: i64) -> Option<Arc<Principal>> {
+        // The Authorization header takes precedence over the query (see
+        // [`Claim::from_request`]): such a request is not the URL that was verified.
+        if *req.method != Method::GET || req.headers.contains_key(AUTHORIZATION) {
+            return None;
+        }
+        let slot = self.slot(req.raw_query);
+        let m = self.entries.read().ok()?;
+        let e = m.get(&slot)?;
+        let same = e.method == *req.method
+            && *e.path == *req.raw_path
+            && *e.query == *req.raw_query
+            && e.headers
+                .iter()
+                .all(|(name, values)| req.headers.get_all(name).iter().eq(values.iter()));
+        // Exactly the window `verify` accepts: past it, the full verification answers
+        // (Expired), as it does for a URL never seen.
+        let live = now_ms <= e.expires_at_ms && e.signed_at_ms - now_ms <= MAX_SKEW_MS;
+        (same && live).then(|| e.principal.clone())
+    }
+
+    fn insert(
+        &self,
+        req: &SignedRequest<'_>,
+        claim: &Claim,
+        (signed_at_ms, expires_at_ms): (i64, i64),
+        principal: Arc<Principal>,
+        now_ms: i64,
+    ) {
+        let mut headers = Vec::with_capacity(claim.signed_headers.len());
+        for name in &claim.signed_headers {
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                return;
+            };
+            // Copied rather than cloned: a clone would share, and so keep alive, the
+            // connection's whole read buffer the request was parsed from.
+            let values: Result<Box<[HeaderValue]>, _> = req
+                .headers
+                .get_all(&name)
+                .iter()
+                .map(|v| HeaderValue::from_bytes(v.as_bytes()))
+                .collect();
+            let Ok(values) = values else {
+                return;
+            };
+            headers.push((name, values));
+        }
+        let entry = VerifiedUrl {
+            method: req.method.clone(),
+            path: req.raw_path.into(),
+            query: req.raw_query.into(),
+            headers: headers.into(),
+            signed_at_ms,
+            expires_at_ms,
+            principal,
+        };
+        let slot = self.slot(req.raw_query);
+        let Ok(mut m) = self.entries.write() else {
+            return;
+        };
+        if m.len() >= self.capacity && !m.contains_key(&slot) {
+            m.retain(|_, e| now_ms <= e.expires_at_ms);
+            if m.len() >= self.capacity {
+                // Still full of live URLs: drop an arbitrary half (each costs its device
+                // one more full verification), so a full cache costs O(1) per insert.
+                let mut keep = true;
+                m.retain(|_, _| {
+                    keep = !keep;
+                    keep
+                });
+            }
+        }
+        m.insert(slot, entry);
+    }
+}
+
 /// A pre-signed S3 `GET` URL (SigV4 query form) for `bucket`/`key` at `base_url`
 /// (`http://host:port`), valid for `expires` seconds from `now_ms`.
 #[allow(clippy::too_many_arguments)]
@@ -463,6 +658,15 @@ pub fn uri_encode(s: &str, encode_slash: bool) -> String {
 
 /// Decodes `%XX` escapes (not `+`), keeping invalid escapes as they are.
 pub fn percent_decode(s: &str) -> String {
+    percent_decode_cow(s).into_owned()
+}
+
+/// [`percent_decode`], borrowing `s` when it has nothing to decode (most names and
+/// values on a request's hot path).
+pub fn percent_decode_cow(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('%') {
+        return std::borrow::Cow::Borrowed(s);
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -478,7 +682,7 @@ pub fn percent_decode(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn hex_val(c: u8) -> Option<u8> {
@@ -599,6 +803,178 @@ mod tests {
             verify(&tampered, &claim, &keys, None, now),
             Err(AuthError::SignatureMismatch)
         );
+    }
+
+    /// A pre-signed URL from `presign_s3_get`, as (path, query), for `verify_s3` tests.
+    fn presigned(key: &str, now: i64, expires: i64) -> (String, String) {
+        let url = presign_s3_get(
+            "http://127.0.0.1:9000",
+            "fw",
+            key,
+            "AK",
+            "SECRET",
+            "us-east-1",
+            now,
+            expires,
+        );
+        let rest = url
+            .strip_prefix("http://127.0.0.1:9000")
+            .unwrap_or_default();
+        let (path, query) = rest.split_once('?').unwrap_or_default();
+        (path.to_owned(), query.to_owned())
+    }
+
+    fn host(h: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static(h));
+        headers
+    }
+
+    const T0: i64 = 1_700_000_000_000;
+
+    /// Verifies like `http::dispatch_inner` does: the cache first, then in full.
+    fn check(
+        keys: &KeyRing,
+        method: &Method,
+        path: &str,
+        query: &str,
+        headers: &HeaderMap,
+        now: i64,
+    ) -> (bool, Result<Arc<Principal>, AuthError>) {
+        let req = SignedRequest {
+            method,
+            raw_path: path,
+            raw_query: query,
+            headers,
+        };
+        if let Some(p) = keys.verified_url(&req, now) {
+            return (true, Ok(p));
+        }
+        let r = Claim::from_request(&req).and_then(|c| verify_s3(&req, &c, keys, now));
+        (false, r)
+    }
+
+    #[test]
+    fn verified_urls_are_remembered_until_they_expire() {
+        let keys = KeyRing::new([("AK".to_owned(), "SECRET".to_owned())]);
+        let (path, query) = presigned("fw.bin", T0, 60);
+        let h = host("127.0.0.1:9000");
+        let get = Method::GET;
+        let (hit, first) = check(&keys, &get, &path, &query, &h, T0 + 1000);
+        assert!(!hit, "the first request is verified in full");
+        let first = first.expect("valid");
+        let (hit, again) = check(&keys, &get, &path, &query, &h, T0 + 2000);
+        assert!(hit, "the same URL again is answered from memory");
+        assert_eq!(again.expect("valid"), first);
+        // The last millisecond `verify` accepts is accepted from memory too; one later,
+        // the full verification answers, as for a URL never seen: expired (a 403).
+        let (hit, last) = check(&keys, &get, &path, &query, &h, T0 + 60_000);
+        assert!(hit && last.is_ok());
+        let (hit, late) = check(&keys, &get, &path, &query, &h, T0 + 60_001);
+        assert!(!hit);
+        assert_eq!(late, Err(AuthError::Expired));
+        // A clock set back past the skew `verify` allows for URLs from the future.
+        let (hit, early) = check(&keys, &get, &path, &query, &h, T0 - MAX_SKEW_MS - 1);
+        assert!(!hit);
+        assert_eq!(early, Err(AuthError::Expired));
+        assert_eq!(keys.verified.len(), 1);
+    }
+
+    #[test]
+    fn only_the_exact_verified_request_is_remembered() {
+        let keys = KeyRing::new([("AK".to_owned(), "SECRET".to_owned())]);
+        let (path, query) = presigned("fw.bin", T0, 60);
+        let h = host("127.0.0.1:9000");
+        let get = Method::GET;
+        assert!(check(&keys, &get, &path, &query, &h, T0).1.is_ok());
+        // Any byte of the query, the path or a signed header different: a miss, and the
+        // full verification refuses it as it always did.
+        let last = query.len() - 1;
+        let flipped = if query.ends_with('0') { "1" } else { "0" };
+        let bad_signature = format!("{}{flipped}", &query[..last]);
+        let (hit, r) = check(&keys, &get, &path, &bad_signature, &h, T0);
+        assert!(!hit);
+        assert_eq!(r, Err(AuthError::SignatureMismatch));
+        let longer = query.replace("X-Amz-Expires=60", "X-Amz-Expires=600");
+        let (hit, r) = check(&keys, &get, &path, &longer, &h, T0);
+        assert!(!hit);
+        assert_eq!(r, Err(AuthError::SignatureMismatch));
+        let (hit, r) = check(&keys, &get, "/fw/other.bin", &query, &h, T0);
+        assert!(!hit);
+        assert_eq!(r, Err(AuthError::SignatureMismatch));
+        let (hit, r) = check(&keys, &get, &path, &query, &host("evil:9000"), T0);
+        assert!(!hit);
+        assert_eq!(r, Err(AuthError::SignatureMismatch));
+        // Another method signs differently; an Authorization header takes precedence
+        // over the query.
+        let (hit, r) = check(&keys, &Method::HEAD, &path, &query, &h, T0);
+        assert!(!hit);
+        assert_eq!(r, Err(AuthError::SignatureMismatch));
+        let mut with_auth = h.clone();
+        with_auth.insert("authorization", HeaderValue::from_static("Bearer x"));
+        let (hit, r) = check(&keys, &get, &path, &query, &with_auth, T0);
+        assert!(!hit);
+        assert!(matches!(r, Err(AuthError::Malformed(_))));
+        // Failures are never remembered: the same bad request fails again in full.
+        assert_eq!(keys.verified.len(), 1);
+        let (hit, r) = check(&keys, &get, &path, &bad_signature, &h, T0);
+        assert!(!hit);
+        assert_eq!(r, Err(AuthError::SignatureMismatch));
+        // A copy of the key ring (as for new keys) starts empty.
+        assert_eq!(keys.clone().verified.len(), 0);
+    }
+
+    #[test]
+    fn failed_verifications_are_not_remembered() {
+        let keys = KeyRing::new([("AK".to_owned(), "SECRET".to_owned())]);
+        let other = KeyRing::new([("AK".to_owned(), "OTHER".to_owned())]);
+        let (path, query) = presigned("fw.bin", T0, 60);
+        let h = host("127.0.0.1:9000");
+        let get = Method::GET;
+        for _ in 0..2 {
+            let (hit, r) = check(&other, &get, &path, &query, &h, T0);
+            assert!(!hit);
+            assert_eq!(r, Err(AuthError::SignatureMismatch));
+            // Expired on its first request: refused, and not kept.
+            let (hit, r) = check(&keys, &get, &path, &query, &h, T0 + 61_000);
+            assert!(!hit);
+            assert_eq!(r, Err(AuthError::Expired));
+        }
+        assert_eq!(other.verified.len(), 0);
+        assert_eq!(keys.verified.len(), 0);
+    }
+
+    #[test]
+    fn verified_urls_are_bounded() {
+        let mut keys = KeyRing::new([("AK".to_owned(), "SECRET".to_owned())]);
+        keys.verified = VerifiedUrls::with_capacity(8);
+        let h = host("127.0.0.1:9000");
+        let get = Method::GET;
+        for i in 0..100 {
+            let (path, query) = presigned(&format!("fw-{i}.bin"), T0, 60);
+            assert!(check(&keys, &get, &path, &query, &h, T0).1.is_ok());
+            assert!(keys.verified.len() <= 8);
+            // The newest is always kept.
+            assert!(check(&keys, &get, &path, &query, &h, T0).0);
+        }
+        // When it is full, expired entries go first, and only they if that makes room.
+        keys.verified = VerifiedUrls::with_capacity(8);
+        let mut long = Vec::new();
+        for i in 0..8 {
+            let (path, query) = presigned(&format!("fw-{i}.bin"), T0, if i < 4 { 1 } else { 60 });
+            assert!(check(&keys, &get, &path, &query, &h, T0).1.is_ok());
+            if i >= 4 {
+                long.push((path, query));
+            }
+        }
+        assert_eq!(keys.verified.len(), 8);
+        let later = T0 + 2_000;
+        let (path, query) = presigned("later.bin", later, 60);
+        assert!(check(&keys, &get, &path, &query, &h, later).1.is_ok());
+        assert_eq!(keys.verified.len(), 5);
+        for (path, query) in &long {
+            assert!(check(&keys, &get, path, query, &h, later).0);
+        }
     }
 
     #[test]

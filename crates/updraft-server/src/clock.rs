@@ -1,5 +1,6 @@
 //! Time: the clock, and the handful of date formats AWS protocols use.
 
+use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
@@ -96,7 +97,10 @@ pub fn http_date(ms: i64) -> String {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let p = parts(ms);
-    format!(
+    // Sized once: it is on every object download's answer.
+    let mut out = String::with_capacity(32);
+    let _ = write!(
+        out,
         "{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
         DAYS[p.weekday],
         p.d,
@@ -105,7 +109,8 @@ pub fn http_date(ms: i64) -> String {
         p.h,
         p.mi,
         p.s
-    )
+    );
+    out
 }
 
 /// The SigV4 `X-Amz-Date` form `20240102T030405Z`.

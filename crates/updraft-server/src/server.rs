@@ -393,15 +393,7 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let app = crate::http::router(self.state);
-        // Small responses (headers, then a body) must not wait for the client's delayed ACK.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+        crate::http::serve(self.listener, self.state, shutdown)
             .await
             .map_err(|source| ServeError::Io {
                 what: "server failed on",

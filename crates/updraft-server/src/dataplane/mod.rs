@@ -461,6 +461,12 @@ impl DataPlane {
         })
     }
 
+    /// A blob's contents if they are in memory (see [`Self::blob_bytes`]), without
+    /// waiting: the pre-signed download path's common case.
+    pub fn cached_blob(&self, blob: &str) -> Option<Bytes> {
+        self.files.lock().ok().and_then(|c| c.get(blob))
+    }
+
     /// A blob's contents, from memory when a device asked for it before. Blobs are
     /// immutable, so a cached one is never stale; blobs over [`MAX_CACHED_FILE`] are read
     /// but not kept.

@@ -23,6 +23,7 @@ use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::artifacts::ArtifactError;
@@ -149,6 +150,10 @@ impl IntoResponse for S3Error {
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert("content-type", HeaderValue::from_static("application/xml"));
+        // The same id in the header as in the document (the HTTP layer keeps it).
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            h.insert("x-amz-request-id", v);
+        }
         for (name, value) in &self.headers {
             put_header(h, name, value);
         }
@@ -174,19 +179,50 @@ impl From<ArtifactError> for S3Error {
     }
 }
 
-/// The decoded query string of a request.
-pub(crate) struct Query(Vec<(String, String)>);
+/// The query string of a request: names decoded, values decoded when first asked for
+/// (a pre-signed URL's own parameters, asked for by no one, never are), borrowing from
+/// the request what needs no decoding.
+pub(crate) struct Query<'a>(Vec<(Cow<'a, str>, Value<'a>)>);
 
-impl Query {
+/// A query parameter's value, as sent and, if it has escapes, decoded.
+struct Value<'a> {
+    raw: &'a str,
+    decoded: std::sync::OnceLock<String>,
+}
+
+impl<'a> Query<'a> {
+    pub fn parse(raw: &'a str) -> Self {
+        // Room for a pre-signed URL's parameters and a few more without growing.
+        let mut pairs = Vec::with_capacity(8);
+        for p in raw.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let value = Value {
+                raw: v,
+                decoded: std::sync::OnceLock::new(),
+            };
+            pairs.push((crate::auth::percent_decode_cow(k), value));
+        }
+        Query(pairs)
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        let (_, v) = self.0.iter().find(|(k, _)| k == name)?;
+        Some(if v.raw.contains('%') {
+            v.decoded
+                .get_or_init(|| crate::auth::percent_decode(v.raw))
+                .as_str()
+        } else {
+            v.raw
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
         self.0.iter().any(|(k, _)| k == name)
+    }
+
+    /// Whether any parameter's name starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.0.iter().any(|(k, _)| k.starts_with(prefix))
     }
 
     /// Refuses parameters outside `allowed` (apart from SigV4 and SDK bookkeeping), so
@@ -195,7 +231,7 @@ impl Query {
     pub fn only(&self, allowed: &[&str]) -> Result<(), S3Error> {
         for (k, _) in &self.0 {
             let bookkeeping = k.starts_with("X-Amz-") || k.starts_with("x-amz-") || k == "x-id";
-            if !bookkeeping && !allowed.contains(&k.as_str()) {
+            if !bookkeeping && !allowed.contains(&k.as_ref()) {
                 return Err(S3Error::not_implemented(format!(
                     "Updraft does not support the '{k}' parameter or subresource here"
                 )));
@@ -213,13 +249,13 @@ pub(crate) struct Ctx<'a> {
     pub bucket: String,
     /// Decoded object key; empty for service and bucket requests.
     pub key: String,
-    pub query: Query,
+    pub query: Query<'a>,
     pub headers: HeaderMap,
 }
 
 impl Ctx<'_> {
     /// A request header as text, if present and visible ASCII.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
@@ -255,16 +291,22 @@ fn split_path(raw_path: &str) -> (String, String) {
 
 /// Serves one authenticated S3 request.
 pub async fn handle(state: &AppState, principal: &Principal, parts: Parts, body: Body) -> Response {
-    let raw_path = parts.uri.path().to_owned();
-    let (bucket, key) = split_path(&raw_path);
+    let Parts {
+        method,
+        uri,
+        headers,
+        ..
+    } = parts;
+    let raw_path = uri.path();
+    let (bucket, key) = split_path(raw_path);
     let ctx = Ctx {
         state,
         principal,
-        method: parts.method,
+        method,
         bucket,
         key,
-        query: Query(crate::auth::query_pairs(parts.uri.query().unwrap_or(""))),
-        headers: parts.headers,
+        query: Query::parse(uri.query().unwrap_or("")),
+        headers,
     };
     let writes = !matches!(ctx.method, Method::GET | Method::HEAD);
     let routed = route(&ctx, body).await;
@@ -285,7 +327,41 @@ pub async fn handle(state: &AppState, principal: &Principal, parts: Parts, body:
     resp
 }
 
+/// The parameters GetObject and HeadObject accept.
+const GET_OBJECT: &[&str] = &[
+    "versionId",
+    "partNumber",
+    "response-content-type",
+    "response-content-disposition",
+    "response-content-encoding",
+    "response-content-language",
+    "response-cache-control",
+    "response-expires",
+];
+
 async fn route(ctx: &Ctx<'_>, body: Body) -> Result<Response, S3Error> {
+    // An object read (devices' downloads) is awaited in place, as [`route_any`] would;
+    // every other operation is boxed, so that their larger state machines do not size
+    // (and cost an allocation and a move for) each download's future.
+    let object_read = !ctx.bucket.is_empty()
+        && !ctx.key.is_empty()
+        && ctx.key.len() <= MAX_KEY_LEN
+        && match ctx.method {
+            Method::GET => !ctx.query.has("uploadId"),
+            Method::HEAD => true,
+            _ => false,
+        };
+    if object_read {
+        ctx.query.only(GET_OBJECT)?;
+        return objects::get_object(ctx).await;
+    }
+    Box::pin(route_any(ctx, body)).await
+}
+
+/// The longest object key.
+const MAX_KEY_LEN: usize = 1024;
+
+async fn route_any(ctx: &Ctx<'_>, body: Body) -> Result<Response, S3Error> {
     let q = &ctx.query;
     let m = &ctx.method;
     if ctx.bucket.is_empty() {
@@ -304,23 +380,13 @@ async fn route(ctx: &Ctx<'_>, body: Body) -> Result<Response, S3Error> {
     if ctx.key.is_empty() {
         return bucket_route(ctx, body).await;
     }
-    if ctx.key.len() > 1024 {
+    if ctx.key.len() > MAX_KEY_LEN {
         return Err(S3Error::new(
             StatusCode::BAD_REQUEST,
             "KeyTooLongError",
             "Your key is too long",
         ));
     }
-    const GET_OBJECT: &[&str] = &[
-        "versionId",
-        "partNumber",
-        "response-content-type",
-        "response-content-disposition",
-        "response-content-encoding",
-        "response-content-language",
-        "response-cache-control",
-        "response-expires",
-    ];
     match *m {
         Method::GET if q.has("uploadId") => {
             q.only(&[
@@ -517,7 +583,7 @@ pub(crate) fn unquote_etag(s: &str) -> &str {
 }
 
 /// Whether `encoding-type=url` was asked for (anything else is an error).
-pub(crate) fn url_encoding(q: &Query) -> Result<bool, S3Error> {
+pub(crate) fn url_encoding(q: &Query<'_>) -> Result<bool, S3Error> {
     match q.get("encoding-type") {
         None => Ok(false),
         Some(t) if t.eq_ignore_ascii_case("url") => Ok(true),
@@ -537,7 +603,7 @@ pub(crate) fn listed(s: &str, url: bool) -> String {
 }
 
 /// A `max-keys`-style parameter: default when absent, capped at 1000.
-pub(crate) fn max_param(q: &Query, name: &str) -> Result<usize, S3Error> {
+pub(crate) fn max_param(q: &Query<'_>, name: &str) -> Result<usize, S3Error> {
     match q.get(name) {
         None => Ok(1000),
         Some(v) => v
@@ -581,12 +647,16 @@ mod tests {
 
     #[test]
     fn query_allow_lists() {
-        let q = Query(crate::auth::query_pairs(
-            "versionId=1&x-id=GetObject&X-Amz-Date=1",
-        ));
+        let q = Query::parse("versionId=1&x-id=GetObject&X-Amz-Date=1");
         assert!(q.only(&["versionId"]).is_ok());
         assert_eq!(q.get("versionId"), Some("1"));
-        let q = Query(crate::auth::query_pairs("tagging"));
+        let q = Query::parse("a%20b=x%2Fy&c=%ZZ&d");
+        assert_eq!(q.get("a b"), Some("x/y"));
+        assert_eq!(q.get("a b"), Some("x/y"));
+        assert_eq!(q.get("c"), Some("%ZZ"));
+        assert_eq!(q.get("d"), Some(""));
+        assert!(q.has("d") && !q.has("a%20b") && q.get("e").is_none());
+        let q = Query::parse("tagging");
         assert!(q.has("tagging"));
         assert_eq!(
             q.only(&["versionId"]).map_err(|e| e.code),
