@@ -1,4 +1,4 @@
-//! Devices' writes in batches (group commit) and thing's pending lists, in as few trips to
+//! Devices' writes in batches (group commit) and things' pending lists, in as few trips to
 //! the database as the dialect allows.
 //!
 //! A batch is cut into runs (each thing at most once per run). A run travels as ONE JSON
