@@ -1473,15 +1473,17 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
         .collect();
     let out = s.device_writes(&writes).await.expect("batch");
     assert_eq!(out.len(), writes.len());
+    let stored = async |i: usize| {
+        s.get_execution("many", &things[i], None)
+            .await
+            .expect("get")
+            .expect("exists")
+    };
     for (i, (w, o)) in writes.iter().zip(&out).enumerate() {
         let DeviceWrite::Update(want) = w else {
             unreachable!()
         };
-        let stored = s
-            .get_execution("many", &things[i], None)
-            .await
-            .expect("get")
-            .expect("exists");
+        let stored = stored(i).await;
         if i % 3 == 0 {
             assert_eq!(o, &DeviceWriteOutcome::Updated(false), "{i}");
             assert_eq!(
@@ -1520,11 +1522,7 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
         let DeviceWriteOutcome::Started(started) = o else {
             panic!("{i}: {o:?}");
         };
-        let stored = s
-            .get_execution("many", &things[i], None)
-            .await
-            .expect("get")
-            .expect("exists");
+        let stored = stored(i).await;
         if i % 3 == 0 {
             let e = started.as_ref().expect("queued one started");
             assert_eq!(

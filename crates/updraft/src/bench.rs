@@ -158,6 +158,14 @@ pub async fn connect(port: u16, id: &str, subscribe: &[String]) -> anyhow::Resul
 }
 
 impl Client {
+    /// The next message, within 30 s (`what` names it in the error).
+    pub async fn next(&mut self, what: &str) -> anyhow::Result<(String, Bytes)> {
+        tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+            .await
+            .with_context(|| format!("{what} timeout"))?
+            .context("connection closed")
+    }
+
     /// Publishes and waits for a message on `reply` (or `reply_alt`).
     pub async fn request(
         &mut self,
@@ -169,10 +177,7 @@ impl Client {
             .publish(topic, QoS::AtMostOnce, false, payload)
             .await?;
         loop {
-            let (t, p) = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
-                .await
-                .context("reply timeout")?
-                .context("connection closed")?;
+            let (t, p) = self.next("reply").await?;
             if t == reply {
                 return Ok(p);
             }
@@ -514,16 +519,14 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
 
     // Raw broker: the same number and size of downstream messages, echoed through each
     // device's own topic (the upstream leg carries the payload too, so this favours raw).
-    let mut clients = Vec::new();
-    for t in &things {
-        clients.push(connect(port, t, &[format!("$aws/things/{t}/echo")]).await?);
-    }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (t, mut c) in things.iter().cloned().zip(clients) {
-        let (size, bs) = (a.size, a.block_size);
-        tasks.push(tokio::spawn(async move {
-            let topic = format!("$aws/things/{t}/echo");
+    let (size, bs) = (a.size, a.block_size);
+    let echo_topic = |t: &str| format!("$aws/things/{t}/echo");
+    let (echo, _) = on_every_device(
+        port,
+        &things,
+        |t| vec![echo_topic(t)],
+        move |t, mut c| async move {
+            let topic = echo_topic(&t);
             let mut offset = 0;
             while offset < blocks {
                 let n = per_request.min(blocks - offset);
@@ -534,40 +537,26 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
                         .await?;
                 }
                 for _ in 0..n {
-                    tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
-                        .await
-                        .context("echo timeout")?
-                        .context("closed")?;
+                    c.next("echo").await?;
                 }
                 offset += n;
             }
             c.client.disconnect().await?;
             anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let echo = start.elapsed();
+        },
+    )
+    .await?;
 
-    let mut clients = Vec::new();
-    for t in &things {
-        let base = format!("$aws/things/{t}/streams/bench-stream");
-        clients.push(
-            connect(
-                port,
-                t,
-                &[format!("{base}/data/cbor"), format!("{base}/rejected/cbor")],
-            )
-            .await?,
-        );
-    }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (t, mut c) in things.iter().cloned().zip(clients) {
-        let (size, bs) = (a.size, a.block_size);
-        tasks.push(tokio::spawn(async move {
-            let base = format!("$aws/things/{t}/streams/bench-stream");
+    let stream_base = |t: &str| format!("$aws/things/{t}/streams/bench-stream");
+    let (streamed, _) = on_every_device(
+        port,
+        &things,
+        |t| {
+            let base = stream_base(t);
+            vec![format!("{base}/data/cbor"), format!("{base}/rejected/cbor")]
+        },
+        move |t, mut c| async move {
+            let base = stream_base(&t);
             let mut received = 0usize;
             let mut offset = 0;
             while offset < blocks {
@@ -590,11 +579,7 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
                     )
                     .await?;
                 for _ in 0..n {
-                    let (topic, payload) =
-                        tokio::time::timeout(Duration::from_secs(30), c.rx.recv())
-                            .await
-                            .context("block timeout")?
-                            .context("closed")?;
+                    let (topic, payload) = c.next("block").await?;
                     if topic.ends_with("/rejected/cbor") {
                         bail!("rejected: {payload:?}");
                     }
@@ -611,12 +596,9 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
                 bail!("{t}: received {received} of {size} bytes");
             }
             anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let streamed = start.elapsed();
+        },
+    )
+    .await?;
     let mb = (a.devices * a.size) as f64 / 1e6;
     let echo_rate = mb / echo.as_secs_f64();
     let stream_rate = mb / streamed.as_secs_f64();

@@ -476,7 +476,7 @@ impl DataPlane {
         blob: &str,
         size: u64,
     ) -> Result<Bytes, crate::artifacts::ArtifactError> {
-        if let Some(b) = self.files.lock().ok().and_then(|c| c.get(blob)) {
+        if let Some(b) = self.cached_blob(blob) {
             return Ok(b);
         }
         let data = state.artifacts.read_all(blob, size).await?;
