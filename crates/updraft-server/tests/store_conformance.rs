@@ -1302,6 +1302,78 @@ async fn signing_jobs_idempotent_complete_and_list(s: Arc<dyn Store>) {
 
 // ------------------------------------------------------------------ harness
 
+/// The stored execution of `job` on `thing` as a device's next update to `status` at
+/// `at_ms` writes it.
+async fn moved_on(
+    s: &dyn Store,
+    job: &str,
+    thing: &str,
+    status: ExecutionStatus,
+    at_ms: i64,
+) -> JobExecution {
+    let mut e = s
+        .get_execution(job, thing, None)
+        .await
+        .expect("get")
+        .expect("exists");
+    e.status = status;
+    e.version += 1;
+    e.updated_ms = at_ms;
+    e
+}
+
+/// A device's update, asking for as much of the pending list as a `notify` carries.
+fn update(execution: JobExecution) -> DeviceWrite {
+    DeviceWrite::Update {
+        execution,
+        pending: ENDED_PENDING_LIMIT,
+    }
+}
+
+async fn ended_updates_carry_the_pending_list_they_ask_for(s: Arc<dyn Store>) {
+    // Three things, each with jobs l1 (to end), l2 and l3 pending; each asks for another
+    // length of the list its update leaves.
+    let things = ["l-none", "l-head", "l-all"];
+    for (n, id) in ["l1", "l2", "l3"].into_iter().enumerate() {
+        let executions: Vec<JobExecution> = things
+            .iter()
+            .map(|t| {
+                let mut e = execution(id, t);
+                e.queued_ms = 1_000 * (n as i64 + 1);
+                e
+            })
+            .collect();
+        s.create_job(&job(id, TargetSelection::Snapshot, &[]), &executions)
+            .await
+            .expect("create");
+    }
+    let mut writes = Vec::new();
+    for (thing, pending) in things.iter().zip([0, 1, ENDED_PENDING_LIMIT]) {
+        writes.push(DeviceWrite::Update {
+            execution: moved_on(s.as_ref(), "l1", thing, ExecutionStatus::Rejected, 5_000).await,
+            pending,
+        });
+    }
+    let out = s.device_writes(&writes).await.expect("batch");
+    let listed = |o: &DeviceWriteOutcome| match o {
+        DeviceWriteOutcome::Ended(list) => list.iter().map(|e| e.job_id.clone()).collect(),
+        other => panic!("{other:?}"),
+    };
+    let lists: Vec<Vec<String>> = out.iter().map(listed).collect();
+    assert_eq!(
+        lists,
+        [
+            vec![],
+            vec!["l2".to_owned()],
+            vec!["l2".to_owned(), "l3".to_owned()]
+        ]
+    );
+    // The last of the job's executions ended: it completed even though no update asked
+    // for a list.
+    let l1 = s.get_job("l1").await.expect("get").expect("exists");
+    assert_eq!(l1.status, JobStatus::Completed);
+}
+
 async fn device_writes_batch_start_next_and_updates(s: Arc<dyn Store>) {
     // Two jobs queued for d, one for e; queue times order d's list.
     let mut first = execution("b1", "d");
@@ -1361,24 +1433,17 @@ async fn device_writes_batch_start_next_and_updates(s: Arc<dyn Store>) {
     let mut stale = d.clone();
     stale.status = ExecutionStatus::Failed;
     stale.version = 3;
-    let mut e = s
-        .get_execution("b1", "e", None)
-        .await
-        .expect("get")
-        .expect("exists");
-    e.status = ExecutionStatus::Failed;
-    e.version += 1;
-    e.updated_ms = 4_500;
+    let e = moved_on(s.as_ref(), "b1", "e", ExecutionStatus::Failed, 4_500).await;
     // A write read from another incarnation of the execution (a re-created job: same
     // version, other queue time) is refused too.
     let mut other_life = e.clone();
     other_life.queued_ms = 999;
     let out = s
         .device_writes(&[
-            DeviceWrite::Update(done.clone()),
-            DeviceWrite::Update(stale),
-            DeviceWrite::Update(other_life),
-            DeviceWrite::Update(e),
+            update(done.clone()),
+            update(stale),
+            update(other_life),
+            update(e),
             start("d"),
         ])
         .await
@@ -1425,15 +1490,8 @@ async fn concurrent_last_executions_complete_the_job(s: Arc<dyn Store>) {
             let s = s.clone();
             let id = id.clone();
             tasks.push(tokio::spawn(async move {
-                let mut e = s
-                    .get_execution(&id, thing, None)
-                    .await
-                    .expect("get")
-                    .expect("exists");
-                e.status = ExecutionStatus::Succeeded;
-                e.version += 1;
-                e.updated_ms = 9_000;
-                s.device_writes(&[DeviceWrite::Update(e)]).await
+                let e = moved_on(s.as_ref(), &id, thing, ExecutionStatus::Succeeded, 9_000).await;
+                s.device_writes(&[update(e)]).await
             }));
         }
         for t in tasks {
@@ -1468,7 +1526,7 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
             e.status_details = BTreeMap::from([("i".to_owned(), i.to_string())]);
             e.updated_ms = 3_000;
             e.version = if i % 3 == 0 { 5 } else { 2 };
-            DeviceWrite::Update(e)
+            update(e)
         })
         .collect();
     let out = s.device_writes(&writes).await.expect("batch");
@@ -1480,7 +1538,10 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
             .expect("exists")
     };
     for (i, (w, o)) in writes.iter().zip(&out).enumerate() {
-        let DeviceWrite::Update(want) = w else {
+        let DeviceWrite::Update {
+            execution: want, ..
+        } = w
+        else {
             unreachable!()
         };
         let stored = stored(i).await;
@@ -1578,6 +1639,7 @@ conformance!(
     device_writes_batch_start_next_and_updates,
     concurrent_last_executions_complete_the_job,
     device_writes_many_things_in_one_batch,
+    ended_updates_carry_the_pending_list_they_ask_for,
     ota_update_records,
     objects_follow_bucket_versioning,
     object_listing_with_delimiters_and_pages,
@@ -1629,9 +1691,7 @@ async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
         .await
         .expect("rename");
     assert!(
-        s.device_writes(&[DeviceWrite::Update(done.clone())])
-            .await
-            .is_err(),
+        s.device_writes(&[update(done.clone())]).await.is_err(),
         "the batch fails"
     );
     sqlx::raw_sql("ALTER TABLE jobs_away RENAME TO jobs")
@@ -1646,7 +1706,7 @@ async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
     );
 
     let out = s
-        .device_writes(&[DeviceWrite::Update(done.clone())])
+        .device_writes(&[update(done.clone())])
         .await
         .expect("the next batch runs");
     assert_eq!(out, [DeviceWriteOutcome::Ended(vec![])]);

@@ -268,15 +268,8 @@ pub async fn update(
             Err(err) => return Err(err),
         };
         let written = match state.data_plane.write_execution(state, &e).await? {
-            DeviceWriteOutcome::Ended(pending) => {
-                // The execution left the pending list: `notify`, and `notify-next` if it
-                // was the head.
-                state
-                    .data_plane
-                    .pending_changed(state, thing, &pending)
-                    .await;
-                true
-            }
+            // The execution left the pending list (`write_execution` announced it).
+            DeviceWriteOutcome::Ended(_) => true,
             DeviceWriteOutcome::Updated(true) => {
                 // A QUEUED execution that starts may become the head (`notify-next`).
                 if from == ExecutionStatus::Queued && e.status != from {

@@ -192,19 +192,33 @@ impl DataPlane {
     }
 
     /// Writes a device's execution update: `Updated(false)` when the stored version moved
-    /// on, `Ended` with the thing's pending list when it ended the execution.
+    /// on, `Ended` when it ended the execution, which so left the thing's pending list:
+    /// then the thing's listeners hear the list (`notify`, and `notify-next` if the
+    /// execution was its head).
     pub async fn write_execution(
         &self,
         state: &AppState,
         e: &JobExecution,
     ) -> crate::store::StoreResult<DeviceWriteOutcome> {
-        let outcome = self
-            .device_write(state, DeviceWrite::Update(e.clone()))
-            .await?;
-        match outcome {
-            DeviceWriteOutcome::Updated(true) | DeviceWriteOutcome::Ended(_) => {
-                self.remember_execution(e)
+        let pending = match (self.bus.get(), e.status.is_terminal()) {
+            (Some(bus), true) => notify::wanted(bus.as_ref(), &self.heads, &e.thing_name),
+            _ => 0,
+        };
+        let w = DeviceWrite::Update {
+            execution: e.clone(),
+            pending,
+        };
+        let outcome = self.device_write(state, w).await?;
+        match &outcome {
+            DeviceWriteOutcome::Ended(list) => {
+                self.remember_execution(e);
+                if pending > 0
+                    && let Some(bus) = self.bus.get()
+                {
+                    notify::publish(state, bus.as_ref(), &self.heads, &e.thing_name, list).await;
+                }
             }
+            DeviceWriteOutcome::Updated(true) => self.remember_execution(e),
             _ => self.forget_execution(&e.thing_name, &e.job_id),
         }
         Ok(outcome)
@@ -493,14 +507,6 @@ impl DataPlane {
     pub async fn thing_changed(&self, state: &AppState, thing: &str) {
         if let Some(bus) = self.bus.get() {
             notify::announce(state, bus.as_ref(), &self.heads, thing).await;
-        }
-    }
-
-    /// Announces `thing`'s pending list as a write's transaction left it (see
-    /// [`DeviceWriteOutcome::Ended`]).
-    pub async fn pending_changed(&self, state: &AppState, thing: &str, pending: &[JobExecution]) {
-        if let Some(bus) = self.bus.get() {
-            notify::publish(state, bus.as_ref(), &self.heads, thing, pending).await;
         }
     }
 

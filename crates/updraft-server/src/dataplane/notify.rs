@@ -18,17 +18,38 @@ use crate::mqtt::MessageBus;
 use crate::server::AppState;
 use crate::store::{ENDED_PENDING_LIMIT, JobExecution};
 
+/// How many of `thing`'s pending executions its notifications need: the `notify` list's
+/// ten, `notify-next`'s head, or none when nobody listens. Then the head `thing` was last
+/// announced is forgotten: whoever subscribes later hears the next head, whatever it is.
+pub(super) fn wanted(
+    bus: &dyn MessageBus,
+    heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
+    thing: &str,
+) -> usize {
+    if bus.has_subscribers(&notify_topic(thing)) {
+        ENDED_PENDING_LIMIT
+    } else if bus.has_subscribers(&notify_next_topic(thing)) {
+        1
+    } else {
+        if let Ok(mut h) = heads.lock() {
+            h.remove(thing);
+        }
+        0
+    }
+}
+
+/// Reads `thing`'s pending list and announces it (when anybody listens).
 pub(super) async fn announce(
     state: &AppState,
     bus: &dyn MessageBus,
     heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
     thing: &str,
 ) {
-    match state
-        .store
-        .pending_executions(thing, ENDED_PENDING_LIMIT)
-        .await
-    {
+    let limit = wanted(bus, heads, thing);
+    if limit == 0 {
+        return;
+    }
+    match state.store.pending_executions(thing, limit).await {
         Ok(pending) => publish(state, bus, heads, thing, &pending).await,
         Err(e) => tracing::warn!(thing, error = %e, "cannot compute notifications"),
     }
@@ -42,7 +63,8 @@ fn notify_next_topic(thing: &str) -> String {
     format!("$aws/things/{thing}/jobs/notify-next")
 }
 
-/// Announces `pending`, `thing`'s pending list as just read.
+/// Announces `pending`, `thing`'s pending list as just read (at least as long as
+/// [`wanted`] asked).
 pub(super) async fn publish(
     state: &AppState,
     bus: &dyn MessageBus,

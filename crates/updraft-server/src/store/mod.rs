@@ -296,7 +296,10 @@ pub trait JobStore: Send + Sync {
     /// SNAPSHOT job whose executions are then all terminal.
     async fn update_execution(&self, execution: &JobExecution) -> StoreResult<()> {
         match self
-            .device_write(DeviceWrite::Update(execution.clone()))
+            .device_write(DeviceWrite::Update {
+                execution: execution.clone(),
+                pending: 0,
+            })
             .await?
         {
             DeviceWriteOutcome::Updated(true) | DeviceWriteOutcome::Ended(_) => Ok(()),

@@ -117,8 +117,14 @@ impl JobExecution {
 /// batches (group commit: one transaction for all the devices waiting).
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceWrite {
-    /// Write the execution if its stored version is `version - 1`.
-    Update(JobExecution),
+    /// Write `execution` if its stored version is `version - 1`. When that ends it, the
+    /// outcome carries up to `pending` (at most [`ENDED_PENDING_LIMIT`]) of its thing's
+    /// pending executions: as many as the thing's notifications need, none when nobody
+    /// listens to them.
+    Update {
+        execution: JobExecution,
+        pending: usize,
+    },
     /// StartNextPendingJobExecution for `thing`: its next pending execution; a QUEUED one
     /// becomes IN_PROGRESS with `status_details`.
     StartNext {
@@ -132,7 +138,7 @@ impl DeviceWrite {
     /// The thing whose executions the write changes.
     pub fn thing(&self) -> &str {
         match self {
-            DeviceWrite::Update(e) => &e.thing_name,
+            DeviceWrite::Update { execution, .. } => &execution.thing_name,
             DeviceWrite::StartNext { thing, .. } => thing,
         }
     }
@@ -150,7 +156,7 @@ pub enum DeviceWriteOutcome {
     Updated(bool),
     /// The update was written and ended the execution, which so left its thing's pending
     /// list: that list as the batch's transaction left it (IN_PROGRESS first, then QUEUED
-    /// by queue time; at most [`ENDED_PENDING_LIMIT`]), for the thing's `notify`.
+    /// by queue time; as long as the update's `pending` asked), for the thing's `notify`.
     Ended(Vec<JobExecution>),
     /// The execution started, or the one already in progress; `None` when nothing is pending.
     Started(Option<JobExecution>),

@@ -1,18 +1,20 @@
 //! Devices' writes in batches (group commit) and things' pending lists, in as few trips to
 //! the database as the dialect allows.
 //!
-//! A batch is cut into runs (each thing at most once per run). A run travels as ONE JSON
-//! parameter: `u` the execution updates, `s` the StartNext requests, and on the last run
-//! `c` the jobs that terminal updates may complete and `t` the things whose pending list
-//! the data plane announces. Every statement reads its rows from its run's parameter, so a
-//! statement's text does not depend on the batch's size (it is prepared once), and every
-//! read answers one row of JSON however many rows it found.
+//! A batch is cut into runs (each thing at most once per run). Each list a run sends
+//! travels as ONE JSON parameter (an array of arrays): the execution updates, the
+//! StartNext requests, and on the last run the jobs that terminal updates may complete and
+//! the things whose pending list the data plane announces. Every statement reads its rows
+//! from its list's parameter, so a statement's text does not depend on the batch's size (it
+//! is prepared once), a list is parsed only by the statements that read it, and every read
+//! answers one row of JSON however many rows it found.
 //!
 //! On SQLite each statement sent is a hand-off to the connection's thread and back (on a
 //! busy server, a wait for a core each way), and each row of a result is one more: the
-//! whole batch, BEGIN IMMEDIATE to COMMIT, goes as one multi-statement query (run k binds
-//! `$k`), so a batch costs one trip. PostgreSQL takes no multi-statement query with
-//! parameters; there the statements go one by one in a transaction.
+//! whole batch, BEGIN IMMEDIATE to COMMIT, goes as one multi-statement query (parameter k
+//! is `$k` in every statement), so a batch costs one trip. PostgreSQL takes no
+//! multi-statement query with parameters; there the statements go one by one in a
+//! transaction.
 
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Row};
@@ -41,7 +43,7 @@ fn segments(writes: &[DeviceWrite]) -> Vec<std::ops::Range<usize>> {
     runs
 }
 
-/// One statement of a batch: its text, the run whose parameter it binds, and whether it
+/// One statement of a batch: its text, the parameter (a list) it reads, and whether it
 /// answers a row of JSON.
 struct Statement {
     sql: String,
@@ -50,15 +52,14 @@ struct Statement {
 }
 
 impl SqlStore {
-    /// The elements of the array `$p.key`, as rows with one column `value` (each element
-    /// is itself an array, read with `value ->> i`). SQLite's `jsonb_each` hands each
-    /// element over parsed (JSONB), so reading its ten columns does not parse it ten times.
-    fn elements(&self, p: usize, key: &str) -> String {
+    /// The elements of the array in parameter `$p`, as rows with one column `value` (each
+    /// element is itself an array, read with `value ->> i`). SQLite's `jsonb_each` hands
+    /// each element over parsed (JSONB), so reading its ten columns does not parse it ten
+    /// times.
+    fn elements(&self, p: usize) -> String {
         match self.dialect {
-            Dialect::Sqlite => format!("jsonb_each(${p}, '$.{key}')"),
-            Dialect::Postgres => {
-                format!("json_array_elements(${p}::json -> '{key}') AS elements(value)")
-            }
+            Dialect::Sqlite => format!("jsonb_each(${p})"),
+            Dialect::Postgres => format!("json_array_elements(${p}::json) AS elements(value)"),
         }
     }
 
@@ -76,12 +77,12 @@ impl SqlStore {
     }
 
     /// The pending executions (IN_PROGRESS first, then QUEUED, each by queue time), at most
-    /// `limit` per thing, of the things in `$p.key` (`[[thing], ...]`), as a JSON answer.
+    /// `limit` per thing, of the things in `$p` (`[[thing], ...]`), as a JSON answer.
     /// Each status is read in index order and cut at `limit` (no sort of a thing's whole
     /// list): SQLite through a correlated rowid list, PostgreSQL through LATERAL. The limit
     /// is in the text: a bound LIMIT makes SQLite plan the statement again each time.
-    fn pending_sql(&self, p: usize, key: &str, limit: usize) -> String {
-        let things = format!("SELECT value ->> 0 AS thing FROM {}", self.elements(p, key));
+    fn pending_sql(&self, p: usize, limit: usize) -> String {
+        let things = format!("SELECT value ->> 0 AS thing FROM {}", self.elements(p));
         let per_status = |status: &str| match self.dialect {
             Dialect::Sqlite => format!(
                 "SELECT {EXECUTION_COLUMNS} FROM ({things}) AS t JOIN job_executions AS e \
@@ -104,12 +105,12 @@ impl SqlStore {
         )
     }
 
-    /// Runs `statements` (statement i binding `params[statements[i].param]`) in one
+    /// Runs `statements` (statement i reading `params[statements[i].param]`) in one
     /// transaction, on PostgreSQL after locking `jobs`; the JSON answers, in order.
     async fn execute_batch(
         &self,
         statements: &[Statement],
-        params: &[String],
+        params: Vec<String>,
         jobs: &BTreeSet<&str>,
     ) -> StoreResult<Vec<String>> {
         let mut answers = Vec::new();
@@ -124,7 +125,7 @@ impl SqlStore {
                 sql.push_str("COMMIT");
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for p in params {
-                    query = query.bind(p.clone());
+                    query = query.bind(p);
                 }
                 let mut conn = self.writer.acquire().await?;
                 // sqlx 0.9 deprecates multi-statement prepared queries (only its SQLite
@@ -190,33 +191,19 @@ impl SqlStore {
         Ok(answers)
     }
 
-    /// The statements of run `run` of a batch: the updates in `.u` (written where the
-    /// stored version is one less and the queue time the same; answers the things written),
-    /// the StartNexts in `.s` (a thing's first QUEUED execution starts unless one is in
-    /// progress; answers each thing's head), and, with `ends`, the completion of the jobs in
-    /// `.c` and the pending lists of the things in `.t` (answers them).
-    fn run_statements(
-        &self,
-        run: usize,
-        updates: bool,
-        starts: bool,
-        ends: bool,
-    ) -> Vec<Statement> {
-        // Placeholders: one query binds every run's parameter on SQLite, one each on
-        // PostgreSQL.
-        let p = match self.dialect {
-            Dialect::Sqlite => run + 1,
+    /// The placeholder of parameter `i` (0-based): one query binds every parameter on
+    /// SQLite, each statement its own on PostgreSQL.
+    fn placeholder(&self, i: usize) -> usize {
+        match self.dialect {
+            Dialect::Sqlite => i + 1,
             Dialect::Postgres => 1,
-        };
-        let mut statements = Vec::new();
-        let mut push = |sql: String, answers: bool| {
-            statements.push(Statement {
-                sql,
-                param: run,
-                answers,
-            })
-        };
-        let u = self.elements(p, "u");
+        }
+    }
+
+    /// The statements of a run's updates in parameter `param`: written where the stored
+    /// version is one less and the queue time the same; answers the things written.
+    fn update_statements(&self, param: usize, statements: &mut Vec<Statement>) {
+        let u = self.elements(self.placeholder(param));
         let rows = format!(
             "SELECT value ->> 0 AS job_id, value ->> 1 AS thing_name, \
              CAST(value ->> 2 AS BIGINT) AS execution_number, value ->> 3 AS status, \
@@ -226,94 +213,116 @@ impl SqlStore {
         );
         let set = "status = j.status, force_canceled = j.force_canceled, status_details = j.status_details, \
                    started_ms = j.started_ms, updated_ms = j.updated_ms, version = j.version";
-        if updates {
-            match self.dialect {
-                Dialect::Sqlite => {
-                    // No other writer runs inside this (IMMEDIATE) transaction: the rows
-                    // that match now are exactly the ones the UPDATE then writes.
-                    let matching = format!(
-                        "SELECT j.thing_name FROM ({rows}) AS j JOIN job_executions AS e \
-                         ON e.job_id = j.job_id AND e.thing_name = j.thing_name \
+        let mut push = |sql: String, answers: bool| {
+            statements.push(Statement {
+                sql,
+                param,
+                answers,
+            })
+        };
+        match self.dialect {
+            Dialect::Sqlite => {
+                // No other writer runs inside this (IMMEDIATE) transaction: the rows that
+                // match now are exactly the ones the UPDATE then writes. (OR FAIL: an error
+                // rolls the whole batch back anyway, so SQLite need not journal the
+                // statement's own changes to undo them alone.)
+                let matching = format!(
+                    "SELECT j.thing_name FROM ({rows}) AS j JOIN job_executions AS e \
+                     ON e.job_id = j.job_id AND e.thing_name = j.thing_name \
+                     AND e.execution_number = j.execution_number \
+                     AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms"
+                );
+                push(self.json_answer(&matching, "thing_name"), true);
+                push(
+                    format!(
+                        "UPDATE OR FAIL job_executions SET {set} FROM ({rows}) AS j \
+                         WHERE job_executions.job_id = j.job_id AND job_executions.thing_name = j.thing_name \
+                         AND job_executions.execution_number = j.execution_number \
+                         AND job_executions.version = j.version - 1 \
+                         AND job_executions.queued_ms = j.queued_ms"
+                    ),
+                    false,
+                );
+            }
+            Dialect::Postgres => {
+                // Another server's transaction may change a row between a check and the
+                // UPDATE: the UPDATE itself says what it wrote. (A data-modifying WITH must
+                // be at the top level, hence no `json_answer`.)
+                push(
+                    format!(
+                        "WITH w AS (UPDATE job_executions AS e SET {set} FROM ({rows}) AS j \
+                         WHERE e.job_id = j.job_id AND e.thing_name = j.thing_name \
                          AND e.execution_number = j.execution_number \
-                         AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms"
-                    );
-                    push(self.json_answer(&matching, "thing_name"), true);
-                    push(
-                        format!(
-                            "UPDATE job_executions SET {set} FROM ({rows}) AS j \
-                             WHERE job_executions.job_id = j.job_id AND job_executions.thing_name = j.thing_name \
-                             AND job_executions.execution_number = j.execution_number \
-                             AND job_executions.version = j.version - 1 \
-                             AND job_executions.queued_ms = j.queued_ms"
-                        ),
-                        false,
-                    );
-                }
-                Dialect::Postgres => {
-                    // Another server's transaction may change a row between a check and
-                    // the UPDATE: the UPDATE itself says what it wrote. (A data-modifying
-                    // WITH must be at the top level, hence no `json_answer`.)
-                    push(
-                        format!(
-                            "WITH w AS (UPDATE job_executions AS e SET {set} FROM ({rows}) AS j \
-                             WHERE e.job_id = j.job_id AND e.thing_name = j.thing_name \
-                             AND e.execution_number = j.execution_number \
-                             AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms \
-                             RETURNING e.thing_name) \
-                             SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w"
-                        ),
-                        true,
-                    );
-                }
+                         AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms \
+                         RETURNING e.thing_name) \
+                         SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w"
+                    ),
+                    true,
+                );
             }
         }
-        if starts {
-            let s = self.elements(p, "s");
-            let (target, row, key) = match self.dialect {
-                Dialect::Sqlite => ("job_executions", "job_executions", "job_executions.rowid"),
-                Dialect::Postgres => (
-                    "job_executions AS x",
-                    "x",
-                    "(x.job_id, x.thing_name, x.execution_number)",
-                ),
-            };
-            let head_key = match self.dialect {
-                Dialect::Sqlite => "rowid",
-                Dialect::Postgres => "job_id, thing_name, execution_number",
-            };
-            // The status is checked on the row itself too: on PostgreSQL a row another
-            // transaction just started is re-checked after its lock, the subqueries not.
-            push(
-                format!(
-                    "UPDATE {target} SET status = 'IN_PROGRESS', started_ms = s.now_ms, updated_ms = s.now_ms, \
-                     status_details = COALESCE(s.status_details, {row}.status_details), version = {row}.version + 1 \
-                     FROM (SELECT value ->> 0 AS thing, value ->> 1 AS status_details, \
-                     CAST(value ->> 2 AS BIGINT) AS now_ms FROM {s}) AS s \
-                     WHERE {key} = (SELECT {head_key} FROM job_executions WHERE thing_name = s.thing \
-                     AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AND {row}.status = 'QUEUED' \
-                     AND NOT EXISTS (SELECT 1 FROM job_executions WHERE thing_name = s.thing \
-                     AND status = 'IN_PROGRESS')"
-                ),
-                false,
-            );
-            push(self.pending_sql(p, "s", 1), true);
+    }
+
+    /// The statements of a run's StartNexts in parameter `param`: a thing's first QUEUED
+    /// execution starts unless one is in progress; answers each thing's head.
+    fn start_statements(&self, param: usize, statements: &mut Vec<Statement>) {
+        let p = self.placeholder(param);
+        let s = self.elements(p);
+        let (target, row, key, head_key) = match self.dialect {
+            Dialect::Sqlite => (
+                "OR FAIL job_executions",
+                "job_executions",
+                "job_executions.rowid",
+                "rowid",
+            ),
+            Dialect::Postgres => (
+                "job_executions AS x",
+                "x",
+                "(x.job_id, x.thing_name, x.execution_number)",
+                "job_id, thing_name, execution_number",
+            ),
+        };
+        // The status is checked on the row itself too: on PostgreSQL a row another
+        // transaction just started is re-checked after its lock, the subqueries not.
+        statements.push(Statement {
+            sql: format!(
+                "UPDATE {target} SET status = 'IN_PROGRESS', started_ms = s.now_ms, updated_ms = s.now_ms, \
+                 status_details = COALESCE(s.status_details, {row}.status_details), version = {row}.version + 1 \
+                 FROM (SELECT value ->> 0 AS thing, value ->> 1 AS status_details, \
+                 CAST(value ->> 2 AS BIGINT) AS now_ms FROM {s}) AS s \
+                 WHERE {key} = (SELECT {head_key} FROM job_executions WHERE thing_name = s.thing \
+                 AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AND {row}.status = 'QUEUED' \
+                 AND NOT EXISTS (SELECT 1 FROM job_executions WHERE thing_name = s.thing \
+                 AND status = 'IN_PROGRESS')"
+            ),
+            param,
+            answers: false,
+        });
+        statements.push(Statement {
+            sql: self.pending_sql(p, 1),
+            param,
+            answers: true,
+        });
+    }
+
+    /// The statement completing the SNAPSHOT jobs in parameter `param` (`[[job, at_ms]]`)
+    /// whose executions are all terminal. The jobs are looked up from the list (not the
+    /// list scanned for every job in progress).
+    fn completion_statement(&self, param: usize) -> Statement {
+        let c = self.elements(self.placeholder(param));
+        Statement {
+            sql: format!(
+                "UPDATE jobs SET status = 'COMPLETED', \
+                 completed_ms = (SELECT CAST(value ->> 1 AS BIGINT) FROM {c} WHERE value ->> 0 = jobs.job_id), \
+                 updated_ms = (SELECT CAST(value ->> 1 AS BIGINT) FROM {c} WHERE value ->> 0 = jobs.job_id), \
+                 version = version + 1 \
+                 WHERE jobs.job_id IN (SELECT value ->> 0 FROM {c}) AND jobs.status = 'IN_PROGRESS' \
+                 AND jobs.target_selection = 'SNAPSHOT' AND NOT EXISTS (SELECT 1 FROM job_executions \
+                 WHERE job_executions.job_id = jobs.job_id AND job_executions.status IN ('QUEUED', 'IN_PROGRESS'))"
+            ),
+            param,
+            answers: false,
         }
-        if ends {
-            let c = self.elements(p, "c");
-            push(
-                format!(
-                    "UPDATE jobs SET status = 'COMPLETED', completed_ms = c.at_ms, updated_ms = c.at_ms, \
-                     version = version + 1 \
-                     FROM (SELECT value ->> 0 AS job_id, CAST(value ->> 1 AS BIGINT) AS at_ms FROM {c}) AS c \
-                     WHERE jobs.job_id = c.job_id AND jobs.status = 'IN_PROGRESS' \
-                     AND jobs.target_selection = 'SNAPSHOT' AND NOT EXISTS (SELECT 1 FROM job_executions \
-                     WHERE job_executions.job_id = c.job_id AND job_executions.status IN ('QUEUED', 'IN_PROGRESS'))"
-                ),
-                false,
-            );
-            push(self.pending_sql(p, "t", ENDED_PENDING_LIMIT), true);
-        }
-        statements
     }
 
     /// [`JobStore::device_writes`]: see the module's notes.
@@ -322,29 +331,36 @@ impl SqlStore {
         writes: &[DeviceWrite],
     ) -> StoreResult<Vec<DeviceWriteOutcome>> {
         // Jobs that terminal updates may complete (the latest end time of each), and the
-        // things whose pending list their update's outcome carries.
+        // things whose pending list their update's outcome carries (the longest asked).
         let mut ends: BTreeMap<&str, i64> = BTreeMap::new();
         let mut ended_things: BTreeSet<&str> = BTreeSet::new();
+        let mut listed = 0;
         for w in writes {
-            if let DeviceWrite::Update(e) = w
+            if let DeviceWrite::Update {
+                execution: e,
+                pending,
+            } = w
                 && e.status.is_terminal()
             {
                 let at = ends.entry(&e.job_id).or_insert(e.updated_ms);
                 *at = (*at).max(e.updated_ms);
-                ended_things.insert(&e.thing_name);
+                if *pending > 0 {
+                    ended_things.insert(&e.thing_name);
+                    listed = listed.max((*pending).min(ENDED_PENDING_LIMIT));
+                }
             }
         }
-        // What each run sends and so answers: (updates?, starts?, settles?).
+        // What each run answers: (updates?, starts?); the last run also settles the ends.
         let runs = segments(writes);
         let mut shapes = Vec::with_capacity(runs.len());
-        let mut params = Vec::with_capacity(runs.len());
+        let mut params = Vec::new();
         let mut statements = Vec::new();
-        for (n, run) in runs.iter().enumerate() {
+        for run in &runs {
             let mut u = Vec::new();
             let mut s = Vec::new();
             for w in &writes[run.clone()] {
                 match w {
-                    DeviceWrite::Update(e) => u.push(json!([
+                    DeviceWrite::Update { execution: e, .. } => u.push(json!([
                         e.job_id,
                         e.thing_name,
                         e.execution_number,
@@ -367,17 +383,31 @@ impl SqlStore {
                     ])),
                 }
             }
-            // The batch's ends are settled with its last run, once every update is applied.
-            let settle = n + 1 == runs.len() && !ends.is_empty();
-            let shape = (!u.is_empty(), !s.is_empty(), settle);
-            let mut param = json!({ "u": u, "s": s });
-            if settle {
-                param["c"] = ends.iter().map(|(job, at)| json!([job, at])).collect();
-                param["t"] = ended_things.iter().map(|t| json!([t])).collect();
+            let shape = (!u.is_empty(), !s.is_empty());
+            if shape.0 {
+                self.update_statements(params.len(), &mut statements);
+                params.push(serde_json::Value::from(u).to_string());
             }
-            statements.extend(self.run_statements(n, shape.0, shape.1, shape.2));
-            params.push(param.to_string());
+            if shape.1 {
+                self.start_statements(params.len(), &mut statements);
+                params.push(serde_json::Value::from(s).to_string());
+            }
             shapes.push(shape);
+        }
+        // The batch's ends are settled once every update is applied.
+        if !ends.is_empty() {
+            statements.push(self.completion_statement(params.len()));
+            let c: Vec<_> = ends.iter().map(|(job, at)| json!([job, at])).collect();
+            params.push(serde_json::Value::from(c).to_string());
+        }
+        if listed > 0 {
+            statements.push(Statement {
+                sql: self.pending_sql(self.placeholder(params.len()), listed),
+                param: params.len(),
+                answers: true,
+            });
+            let t: Vec<_> = ended_things.iter().map(|t| json!([t])).collect();
+            params.push(serde_json::Value::from(t).to_string());
         }
         // Jobs before executions, in job id order, as CancelJob and DeleteJob lock them on
         // PostgreSQL: a batch that may complete a job does not take that job's row last, and
@@ -387,12 +417,12 @@ impl SqlStore {
         let jobs: BTreeSet<&str> = writes
             .iter()
             .filter_map(|w| match w {
-                DeviceWrite::Update(e) => Some(e.job_id.as_str()),
+                DeviceWrite::Update { execution: e, .. } => Some(e.job_id.as_str()),
                 DeviceWrite::StartNext { .. } => None,
             })
             .collect();
         let mut answers = self
-            .execute_batch(&statements, &params, &jobs)
+            .execute_batch(&statements, params, &jobs)
             .await?
             .into_iter();
         let mut answer = || {
@@ -402,8 +432,7 @@ impl SqlStore {
         };
 
         let mut outcomes = Vec::with_capacity(writes.len());
-        let mut pending: HashMap<String, Vec<JobExecution>> = HashMap::new();
-        for (run, (updates, starts, settle)) in runs.into_iter().zip(shapes) {
+        for (run, (updates, starts)) in runs.into_iter().zip(shapes) {
             let written: HashSet<String> = if updates {
                 from_json::<Vec<(String,)>>(&answer()?)?
                     .into_iter()
@@ -417,12 +446,9 @@ impl SqlStore {
             } else {
                 HashMap::new()
             };
-            if settle {
-                pending = pending_lists(&answer()?, ENDED_PENDING_LIMIT)?;
-            }
             for w in &writes[run] {
                 outcomes.push(match w {
-                    DeviceWrite::Update(e) => {
+                    DeviceWrite::Update { execution: e, .. } => {
                         let done = written.contains(&e.thing_name);
                         if done && e.status.is_terminal() {
                             // The list is filled in below, once every run is read.
@@ -437,9 +463,20 @@ impl SqlStore {
                 });
             }
         }
-        for (o, w) in outcomes.iter_mut().zip(writes) {
-            if let (DeviceWriteOutcome::Ended(list), DeviceWrite::Update(e)) = (o, w) {
-                *list = pending.get(&e.thing_name).cloned().unwrap_or_default();
+        if listed > 0 {
+            let pending = pending_lists(&answer()?, listed)?;
+            for (o, w) in outcomes.iter_mut().zip(writes) {
+                if let (
+                    DeviceWriteOutcome::Ended(list),
+                    DeviceWrite::Update {
+                        execution: e,
+                        pending: wanted,
+                    },
+                ) = (o, w)
+                    && let Some(p) = pending.get(&e.thing_name)
+                {
+                    list.extend(p.iter().take(*wanted).cloned());
+                }
             }
         }
         Ok(outcomes)
@@ -451,8 +488,8 @@ impl SqlStore {
         thing: &str,
         limit: usize,
     ) -> StoreResult<Vec<JobExecution>> {
-        let row = sqlx::query(AssertSqlSafe(self.pending_sql(1, "t", limit)))
-            .bind(json!({ "t": [[thing]] }).to_string())
+        let row = sqlx::query(AssertSqlSafe(self.pending_sql(1, limit)))
+            .bind(json!([[thing]]).to_string())
             .fetch_one(&self.pool)
             .await?;
         Ok(pending_lists(&row.try_get::<String, _>(0)?, limit)?

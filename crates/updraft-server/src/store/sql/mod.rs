@@ -9,6 +9,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use updraft_protocol::job::OtaUpdateStatus;
 use updraft_protocol::{ExecutionStatus, JobStatus};
@@ -52,6 +53,47 @@ pub struct SqlStore {
     /// Write transactions: on SQLite one connection, on PostgreSQL the same pool.
     writer: AnyPool,
     dialect: Dialect,
+    /// SQLite: the background checkpoints, until the last clone of the store is gone.
+    _checkpoints: Option<Arc<AbortOnDrop>>,
+}
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The SQLite writer's automatic checkpoint, in log pages (32 MiB of 4 KiB pages; SQLite's
+/// default is 1,000). See [`checkpoints`].
+const WRITER_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint=8192;";
+
+/// How often a SQLite database's write-ahead log is copied back into it in the background.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Checkpoints `pool`'s SQLite database every [`CHECKPOINT_EVERY`]. A PASSIVE checkpoint
+/// never takes the write lock: the log is copied back and synced while the writer goes on
+/// committing, instead of inside the commit that filled it (a stall of every device write
+/// waiting on that batch). Only a checkpoint the writer runs between its own transactions
+/// finds every frame copied, which lets the log start over: that is the writer's automatic
+/// checkpoint, at [`WRITER_CHECKPOINT`] pages, by when these have copied nearly all of it.
+async fn checkpoints(pool: AnyPool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_all(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "background checkpoint failed");
+        }
+    }
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -175,21 +217,25 @@ impl SqlStore {
                 "unsupported database URL '{url}': use sqlite://PATH or postgres://..."
             )));
         };
-        let (pool, writer) = match dialect {
+        let (pool, writer, checkpoints) = match dialect {
             Dialect::Sqlite => {
                 let url = if url.contains('?') {
                     url.to_owned()
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                let options = |connections: u32| {
+                // A connection to a local file cannot go stale: no ping (a round trip to
+                // the connection's thread) before each use.
+                let options = |connections: u32, pragmas: &'static str| {
                     AnyPoolOptions::new()
                         .max_connections(connections)
-                        .after_connect(|conn, _meta| {
+                        .test_before_acquire(false)
+                        .after_connect(move |conn, _meta| {
                             Box::pin(async move {
-                                sqlx::raw_sql(
-                                    "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA synchronous=NORMAL;",
-                                )
+                                sqlx::raw_sql(AssertSqlSafe(format!(
+                                    "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; \
+                                     PRAGMA synchronous=NORMAL; {pragmas}"
+                                )))
                                 .execute(conn)
                                 .await?;
                                 Ok(())
@@ -200,8 +246,12 @@ impl SqlStore {
                 // own queues writers in the pool (in order, without SQLite's sleeping busy
                 // handler) and keeps that connection's page cache warm: a connection whose
                 // database another connection changed starts over from the OS's cache.
-                let writer = options(1).connect(&url).await?;
-                (options(8).connect(&url).await?, writer)
+                // Copying the write-ahead log back into the database (a checkpoint, with its
+                // fsyncs) is mostly done off that path: see `checkpoints`.
+                let writer = options(1, WRITER_CHECKPOINT).connect(&url).await?;
+                let pool = options(8, "").connect(&url).await?;
+                let task = tokio::spawn(checkpoints(pool.clone()));
+                (pool, writer, Some(Arc::new(AbortOnDrop(task))))
             }
             Dialect::Postgres => {
                 let pool = AnyPoolOptions::new()
@@ -209,13 +259,14 @@ impl SqlStore {
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
                     .await?;
-                (pool.clone(), pool)
+                (pool.clone(), pool, None)
             }
         };
         let store = SqlStore {
             pool,
             writer,
             dialect,
+            _checkpoints: checkpoints,
         };
         store.migrate().await?;
         Ok(store)
