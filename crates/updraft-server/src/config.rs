@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     pub allow_insecure_mqtt: Option<bool>,
     pub signing_key_file: Option<PathBuf>,
+    pub device_rate_limit: Option<f64>,
 }
 
 impl FileConfig {
@@ -69,6 +70,7 @@ impl FileConfig {
             public_url: self.public_url.or(lower.public_url),
             allow_insecure_mqtt: self.allow_insecure_mqtt.or(lower.allow_insecure_mqtt),
             signing_key_file: self.signing_key_file.or(lower.signing_key_file),
+            device_rate_limit: self.device_rate_limit.or(lower.device_rate_limit),
         }
     }
 }
@@ -97,6 +99,9 @@ pub struct ServerConfig {
     /// The operator's key-encryption key for signing keys; `None` means
     /// `<data-dir>/signing.key`, created on first start.
     pub signing_key_file: Option<PathBuf>,
+    /// MQTT requests per second one device may make, sustained (bursts of twice as many);
+    /// beyond it the Jobs API answers `RequestThrottled`. `0` means no limit.
+    pub device_rate_limit: f64,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "./updraft-data";
@@ -104,6 +109,7 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub const DEFAULT_REGION: &str = "us-east-1";
 pub const DEFAULT_MQTT: &str = "127.0.0.1:1883";
 pub const DEFAULT_MQTTS: &str = "127.0.0.1:8883";
+pub const DEFAULT_DEVICE_RATE_LIMIT: f64 = 200.0;
 
 impl ServerConfig {
     /// Fills what no source set with the defaults and checks every value.
@@ -216,6 +222,14 @@ impl ServerConfig {
                 message: "use http://HOST:PORT or https://HOST".into(),
             });
         }
+        let device_rate_limit = c.device_rate_limit.unwrap_or(DEFAULT_DEVICE_RATE_LIMIT);
+        if !(device_rate_limit.is_finite() && device_rate_limit >= 0.0) {
+            return Err(ConfigError::Invalid {
+                what: "device rate limit",
+                value: device_rate_limit.to_string(),
+                message: "requests per second: a number >= 0 (0: no limit)".into(),
+            });
+        }
         Ok(ServerConfig {
             data_dir,
             http,
@@ -229,6 +243,7 @@ impl ServerConfig {
             public_url: c.public_url,
             allow_insecure_mqtt,
             signing_key_file: c.signing_key_file,
+            device_rate_limit,
         })
     }
 }
@@ -319,5 +334,15 @@ mod tests {
         .unwrap_or_default();
         assert!(err.contains("database URL"), "{err}");
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        for rate in [-1.0, f64::NAN, f64::INFINITY] {
+            let err = ServerConfig::resolve(FileConfig {
+                device_rate_limit: Some(rate),
+                ..FileConfig::default()
+            })
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+            assert!(err.contains("device rate limit"), "{rate}: {err}");
+        }
     }
 }

@@ -365,7 +365,12 @@ impl Server {
             }
             state.data_plane.set_bus(Arc::new(broker));
         }
-        crate::dataplane::spawn_workers(state.clone(), inbound_rx, DATA_PLANE_WORKERS);
+        crate::dataplane::spawn_workers(
+            state.clone(),
+            inbound_rx,
+            DATA_PLANE_WORKERS,
+            config.device_rate_limit,
+        );
         write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
         tracing::info!(%http_addr, mqtt = ?mqtt_addr, database = %redact(&config.database), artifacts = ?state.artifacts, "updraft is listening");
         let signing = crate::signer::jobs::resume_pending(&state).await?;

@@ -65,14 +65,21 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
     }
 }
 
-/// A server on a temporary directory with free ports.
-pub async fn temp_server() -> anyhow::Result<(Server, tempdir::TempDir)> {
+/// Benchmark devices go as fast as the server answers them: measured, not throttled.
+const UNTHROTTLED: Option<f64> = Some(0.0);
+
+/// A server on a temporary directory with free ports; `device_rate_limit` as
+/// `serve --device-rate-limit` (`None`: the default).
+pub async fn temp_server(
+    device_rate_limit: Option<f64>,
+) -> anyhow::Result<(Server, tempdir::TempDir)> {
     let dir = tempdir::TempDir::new()?;
     let config = ServerConfig::resolve(FileConfig {
         data_dir: Some(dir.path.clone()),
         http: Some("127.0.0.1:0".into()),
         mqtt: Some("127.0.0.1:0".into()),
         mqtts: Some("127.0.0.1:0".into()),
+        device_rate_limit,
         ..FileConfig::default()
     })?;
     let server = Server::start(&config)
@@ -243,7 +250,7 @@ async fn create_fleet(
 }
 
 async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
-    let (server, _dir) = temp_server().await?;
+    let (server, _dir) = temp_server(UNTHROTTLED).await?;
     let port = server.mqtt_addr.context("no MQTT listener")?.port();
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));
@@ -504,7 +511,7 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
         bail!("--block-size must be from 256 to 131072");
     }
     let per_request = a.blocks_per_request.clamp(1, 131_072 / a.block_size);
-    let (server, _dir) = temp_server().await?;
+    let (server, _dir) = temp_server(UNTHROTTLED).await?;
     let port = server.mqtt_addr.context("no MQTT listener")?.port();
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));

@@ -83,6 +83,9 @@ struct ServeArgs {
     /// Key-encryption key for code-signing private keys (32 bytes: raw, hex or base64) [default: <data-dir>/signing.key, created on first start]
     #[arg(long, env = "UPDRAFT_SIGNING_KEY_FILE")]
     signing_key_file: Option<PathBuf>,
+    /// MQTT requests per second one device may make, sustained (bursts of twice as many); 0: no limit [default: 200]
+    #[arg(long, env = "UPDRAFT_DEVICE_RATE_LIMIT")]
+    device_rate_limit: Option<f64>,
 }
 
 impl ServeArgs {
@@ -100,6 +103,7 @@ impl ServeArgs {
             public_url: self.public_url,
             allow_insecure_mqtt: self.allow_insecure_mqtt.then_some(true),
             signing_key_file: self.signing_key_file,
+            device_rate_limit: self.device_rate_limit,
         };
         let file = match &self.config {
             Some(path) => FileConfig::load(path)?,

@@ -175,7 +175,7 @@ pub struct Target {
 impl Target {
     /// A server on a temporary data directory and free loopback ports, in this process.
     pub async fn in_process() -> anyhow::Result<Target> {
-        let (server, dir) = crate::bench::temp_server().await?;
+        let (server, dir) = crate::bench::temp_server(None).await?;
         let mqtt = server
             .mqtt_addr
             .context("the server has no MQTT listener")?;

@@ -535,12 +535,22 @@ pub struct Presigner {
 }
 
 /// Consumes device requests: a dispatcher spreads them over `workers` tasks by client id.
-pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, workers: usize) {
+/// Each device may make `rate` requests per second, sustained (0: no limit).
+pub fn spawn_workers(
+    state: AppState,
+    mut inbound: mpsc::Receiver<Inbound>,
+    workers: usize,
+    rate: f64,
+) {
     let workers = workers.max(1);
-    let _ = state
-        .data_plane
-        .writer
-        .set(writer::DeviceWriter::spawn(state.store.clone()));
+    match writer::DeviceWriter::spawn(state.store.clone()) {
+        Ok(w) => {
+            let _ = state.data_plane.writer.set(w);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no group-commit writer thread; device writes commit one by one");
+        }
+    }
     let mut senders = Vec::with_capacity(workers);
     for _ in 0..workers {
         // The capacity is a bound, not an allocation (tokio's channels grow in blocks):
@@ -557,7 +567,7 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
     }
     let throttle_state = state.clone();
     tokio::spawn(async move {
-        let mut limiter = RateLimiter::default();
+        let mut limiter = RateLimiter::new(rate);
         while let Some(msg) = inbound.recv().await {
             if !limiter.allow(&msg.client_id, std::time::Instant::now()) {
                 throttled(&throttle_state, &msg);
@@ -573,37 +583,46 @@ pub fn spawn_workers(state: AppState, mut inbound: mpsc::Receiver<Inbound>, work
     });
 }
 
-/// Requests a device may make per second, sustained, and in a burst. Beyond that its
-/// requests are refused (`RequestThrottled`) so one device cannot starve the others that
-/// share its worker.
-const DEVICE_RATE_PER_SECOND: f64 = 200.0;
-const DEVICE_BURST: f64 = 400.0;
-
-/// A token bucket per client id.
-#[derive(Default)]
+/// A token bucket per client id: `rate` requests per second sustained, bursts of twice
+/// that. Beyond it a device's requests are refused (`RequestThrottled`) so one device
+/// cannot starve the others that share its worker.
 struct RateLimiter {
+    rate: f64,
+    burst: f64,
     buckets: HashMap<String, (f64, std::time::Instant)>,
     seen: u64,
 }
 
 impl RateLimiter {
+    /// `rate` 0 lets everything through.
+    fn new(rate: f64) -> Self {
+        RateLimiter {
+            rate,
+            burst: 2.0 * rate,
+            buckets: HashMap::new(),
+            seen: 0,
+        }
+    }
+
     fn allow(&mut self, client: &str, now: std::time::Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
         self.seen += 1;
         if self.seen.is_multiple_of(100_000) {
             // Forget devices that have been quiet long enough to have a full bucket again.
-            self.buckets.retain(|_, (_, at)| {
-                now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND < DEVICE_BURST
-            });
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets
+                .retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() * rate < burst);
         }
         // Looked up by reference first: the key is allocated once per device, not per request.
         if !self.buckets.contains_key(client) {
-            self.buckets.insert(client.to_owned(), (DEVICE_BURST, now));
+            self.buckets.insert(client.to_owned(), (self.burst, now));
         }
         let Some((tokens, at)) = self.buckets.get_mut(client) else {
             return true;
         };
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * DEVICE_RATE_PER_SECOND)
-            .min(DEVICE_BURST);
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -686,14 +705,21 @@ mod tests {
 
     #[test]
     fn a_flooding_device_is_throttled_alone() {
-        let mut l = RateLimiter::default();
+        let mut l = RateLimiter::new(200.0);
         let t0 = Instant::now();
         let allowed = (0..1000).filter(|_| l.allow("noisy", t0)).count();
-        assert_eq!(allowed, DEVICE_BURST as usize);
+        assert_eq!(allowed, 400);
         assert!(l.allow("quiet", t0), "other devices are unaffected");
         // Tokens come back at the sustained rate.
         let later = t0 + Duration::from_millis(100);
         let refilled = (0..1000).filter(|_| l.allow("noisy", later)).count();
-        assert_eq!(refilled, (DEVICE_RATE_PER_SECOND / 10.0) as usize);
+        assert_eq!(refilled, 20);
+    }
+
+    #[test]
+    fn no_limit_lets_everything_through() {
+        let mut l = RateLimiter::new(0.0);
+        let t0 = Instant::now();
+        assert!((0..10_000).all(|_| l.allow("busy", t0)));
     }
 }

@@ -30,10 +30,20 @@ fn shutting_down() -> StoreError {
 }
 
 impl DeviceWriter {
-    pub fn spawn(store: Arc<dyn Store>) -> Self {
+    /// Starts the writer on a thread of its own. It is the one stage every device write
+    /// passes in turn (batch after batch), and wakes once per batch and per answer of the
+    /// database: as a task among the server's others, each wake-up waited behind every
+    /// task ready at that moment (broker connections, handlers), and the database stood
+    /// idle meanwhile.
+    pub fn spawn(store: Arc<dyn Store>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(store, rx));
-        DeviceWriter { tx }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("updraft-writer".into())
+            .spawn(move || runtime.block_on(run(store, rx)))?;
+        Ok(DeviceWriter { tx })
     }
 
     /// Applies `w` in the next batch and returns its outcome.

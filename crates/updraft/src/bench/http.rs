@@ -22,7 +22,7 @@ use tokio::process::{Child, Command};
 use updraft_agent::http::{Client, Url};
 
 use super::tempdir::TempDir;
-use super::{create_object, file_contents, temp_server};
+use super::{UNTHROTTLED, create_object, file_contents, temp_server};
 
 #[derive(Args)]
 pub struct HttpArgs {
@@ -56,7 +56,7 @@ pub async fn run(a: HttpArgs) -> anyhow::Result<()> {
     }
     let data = Arc::new(file_contents(a.size));
 
-    let (server, _dir) = temp_server().await?;
+    let (server, _dir) = temp_server(UNTHROTTLED).await?;
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));
     create_object(&state, data.to_vec()).await?;

@@ -127,14 +127,21 @@ impl SqlStore {
                 for p in params {
                     query = query.bind(p);
                 }
-                let mut conn = self.writer.acquire().await?;
+                // The writer connection device batches keep between batches (see
+                // `SqlStore::device_connection`): taken out while in use, so a batch
+                // cancelled half-way drops it back to the pool, which rolls it back.
+                let mut held = self.device_connection.lock().await;
+                let mut conn = match held.take() {
+                    Some(conn) => conn,
+                    None => self.writer.acquire().await?,
+                };
                 // sqlx 0.9 deprecates multi-statement prepared queries (only its SQLite
                 // driver has them; launchbadge/sqlx#3108) but keeps them. The store
                 // conformance suite runs every batch shape through this, so an sqlx that
                 // drops them fails there.
                 #[allow(deprecated)]
                 let mut results = query.fetch_many(&mut *conn);
-                let mut outcome = Ok(());
+                let mut outcome: StoreResult<()> = Ok(());
                 loop {
                     match results.try_next().await {
                         Ok(Some(sqlx::Either::Right(row))) => match row.try_get::<String, _>(0) {
@@ -153,13 +160,14 @@ impl SqlStore {
                     }
                 }
                 drop(results);
-                if let Err(e) = outcome {
+                if outcome.is_err() {
                     // The query stopped where it failed, maybe inside the transaction: end
-                    // it before the connection goes back to the pool (an error here means
-                    // none was open).
+                    // it before the connection is used again (an error here means none
+                    // was open).
                     let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                    return Err(e);
                 }
+                *held = Some(conn);
+                outcome?;
             }
             Dialect::Postgres => {
                 let mut tx = self.begin().await?;

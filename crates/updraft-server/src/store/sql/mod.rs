@@ -6,6 +6,7 @@
 //! `FOR UPDATE`), the collation of key columns, and the migration lock.
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -50,9 +51,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub struct SqlStore {
     /// Reads (and, on PostgreSQL, everything).
     pool: AnyPool,
-    /// Write transactions: on SQLite one connection, on PostgreSQL the same pool.
+    /// Write transactions: on SQLite two connections (see `device_connection`), on
+    /// PostgreSQL the same pool.
     writer: AnyPool,
     dialect: Dialect,
+    /// SQLite: the writer connection device batches keep from one batch to the next.
+    /// Returning a connection to its pool costs a round trip to the connection's thread
+    /// (sqlx pings it), and another to take it again: on the path every device write
+    /// waits on, once per batch.
+    device_connection: Arc<tokio::sync::Mutex<Option<PoolConnection<Any>>>>,
     /// SQLite: the background checkpoints, until the last clone of the store is gone.
     _checkpoints: Option<Arc<AbortOnDrop>>,
 }
@@ -242,13 +249,15 @@ impl SqlStore {
                             })
                         })
                 };
-                // SQLite runs one writer at a time. Giving writes one connection of their
-                // own queues writers in the pool (in order, without SQLite's sleeping busy
-                // handler) and keeps that connection's page cache warm: a connection whose
+                // SQLite runs one writer at a time. Giving writes connections of their own
+                // queues writers in the pool (in order, without SQLite's sleeping busy
+                // handler) and keeps those connections' page cache warm: a connection whose
                 // database another connection changed starts over from the OS's cache.
+                // Two: device batches keep one (`device_connection`), every other write
+                // transaction queues for the other.
                 // Copying the write-ahead log back into the database (a checkpoint, with its
                 // fsyncs) is mostly done off that path: see `checkpoints`.
-                let writer = options(1, WRITER_CHECKPOINT).connect(&url).await?;
+                let writer = options(2, WRITER_CHECKPOINT).connect(&url).await?;
                 let pool = options(8, "").connect(&url).await?;
                 let task = tokio::spawn(checkpoints(pool.clone()));
                 (pool, writer, Some(Arc::new(AbortOnDrop(task))))
@@ -266,6 +275,7 @@ impl SqlStore {
             pool,
             writer,
             dialect,
+            device_connection: Arc::default(),
             _checkpoints: checkpoints,
         };
         store.migrate().await?;
@@ -278,6 +288,7 @@ impl SqlStore {
 
     /// Closes the pools (waits for connections to be returned).
     pub async fn close(&self) {
+        self.device_connection.lock().await.take();
         self.pool.close().await;
         self.writer.close().await;
     }
