@@ -1603,6 +1603,52 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
             assert_eq!(started, &None, "{i}: nothing pending");
         }
     }
+
+    // The ones in progress (still as the first batch wrote them: StartNext left them
+    // alone) report progress (same status, new details) next to updates
+    // that change it; a stale one of each kind is refused.
+    let mut progress = Vec::new();
+    for (i, w) in writes.iter().enumerate() {
+        let DeviceWrite::Update { execution: e, .. } = w else {
+            unreachable!()
+        };
+        if i % 3 == 0 || i % 2 == 1 {
+            continue;
+        }
+        let mut e = e.clone();
+        if i % 4 == 0 {
+            e.status = ExecutionStatus::Succeeded;
+        }
+        e.status_details = BTreeMap::from([("step".to_owned(), format!("{i}+"))]);
+        e.updated_ms = 4_000;
+        e.version = if i % 5 == 0 { 2 } else { 3 };
+        progress.push((i, e));
+    }
+    let out = s
+        .device_writes(
+            &progress
+                .iter()
+                .map(|(_, e)| update(e.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .expect("progress batch");
+    for ((i, e), o) in progress.iter().zip(&out) {
+        let stored = stored(*i).await;
+        if i % 5 == 0 {
+            assert_eq!(o, &DeviceWriteOutcome::Updated(false), "{i}");
+            assert_eq!(stored.version, 2, "{i}");
+        } else {
+            assert!(
+                matches!(
+                    o,
+                    DeviceWriteOutcome::Updated(true) | DeviceWriteOutcome::Ended(_)
+                ),
+                "{i}: {o:?}"
+            );
+            assert_eq!(&stored, e, "{i}");
+        }
+    }
 }
 
 macro_rules! conformance {

@@ -56,12 +56,29 @@ impl DeviceWriter {
     }
 }
 
+type Waiting = Vec<oneshot::Sender<StoreResult<DeviceWriteOutcome>>>;
+
+/// Answers each waiting caller with its outcome.
+fn deliver(waiting: Waiting, outcomes: Vec<DeviceWriteOutcome>) {
+    for (done, outcome) in waiting.into_iter().zip(outcomes) {
+        let _ = done.send(Ok(outcome));
+    }
+}
+
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
     let mut writes: Vec<DeviceWrite> = Vec::with_capacity(MAX_BATCH);
-    let mut waiting = Vec::with_capacity(MAX_BATCH);
-    while let Some((w, done)) = rx.recv().await {
-        writes.push(w);
-        waiting.push(done);
+    let mut waiting: Waiting = Vec::with_capacity(MAX_BATCH);
+    // The previous batch's outcomes, not yet delivered: see below.
+    let mut committed: Option<(Waiting, Vec<DeviceWriteOutcome>)> = None;
+    loop {
+        if committed.is_none() {
+            // Nothing to deliver: wait for a write.
+            let Some((w, done)) = rx.recv().await else {
+                return;
+            };
+            writes.push(w);
+            waiting.push(done);
+        }
         while writes.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok((w, done)) => {
@@ -71,11 +88,32 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        match store.device_writes(&writes).await {
+        if writes.is_empty() {
+            if let Some((w, o)) = committed.take() {
+                deliver(w, o);
+            }
+            continue;
+        }
+        // The next batch is handed to the database first, and the previous one's callers
+        // are answered while it runs: waking them is the writer's biggest chore, and the
+        // database would otherwise stand idle meanwhile. (Their next writes cannot be in
+        // this batch: they have not been answered yet.)
+        let result = {
+            let batch = store.device_writes(&writes);
+            tokio::pin!(batch);
+            // One poll sends it (it is polled again, with this task's waker, below).
+            let early = futures::FutureExt::now_or_never(batch.as_mut());
+            if let Some((w, o)) = committed.take() {
+                deliver(w, o);
+            }
+            match early {
+                Some(r) => r,
+                None => batch.await,
+            }
+        };
+        match result {
             Ok(outcomes) => {
-                for (done, outcome) in waiting.drain(..).zip(outcomes) {
-                    let _ = done.send(Ok(outcome));
-                }
+                committed = Some((std::mem::take(&mut waiting), outcomes));
                 writes.clear();
             }
             Err(e) => {

@@ -219,8 +219,17 @@ impl SqlStore {
              CAST(value ->> 6 AS BIGINT) AS started_ms, CAST(value ->> 7 AS BIGINT) AS updated_ms, \
              CAST(value ->> 8 AS BIGINT) AS version, CAST(value ->> 9 AS BIGINT) AS queued_ms FROM {u}"
         );
-        let set = "status = j.status, force_canceled = j.force_canceled, status_details = j.status_details, \
-                   started_ms = j.started_ms, updated_ms = j.updated_ms, version = j.version";
+        // The row the writer read: same execution, the version before, the same queue time.
+        let read = |t: &str| {
+            format!(
+                "{t}.job_id = j.job_id AND {t}.thing_name = j.thing_name \
+                 AND {t}.execution_number = j.execution_number \
+                 AND {t}.version = j.version - 1 AND {t}.queued_ms = j.queued_ms"
+            )
+        };
+        let kept = "force_canceled = j.force_canceled, status_details = j.status_details, \
+                    started_ms = j.started_ms, updated_ms = j.updated_ms, version = j.version";
+        let set = format!("status = j.status, {kept}");
         let mut push = |sql: String, answers: bool| {
             statements.push(Statement {
                 sql,
@@ -231,23 +240,29 @@ impl SqlStore {
         match self.dialect {
             Dialect::Sqlite => {
                 // No other writer runs inside this (IMMEDIATE) transaction: the rows that
-                // match now are exactly the ones the UPDATE then writes. (OR FAIL: an error
+                // match now are exactly the ones the UPDATEs then write. (OR FAIL: an error
                 // rolls the whole batch back anyway, so SQLite need not journal the
                 // statement's own changes to undo them alone.)
                 let matching = format!(
-                    "SELECT j.thing_name FROM ({rows}) AS j JOIN job_executions AS e \
-                     ON e.job_id = j.job_id AND e.thing_name = j.thing_name \
-                     AND e.execution_number = j.execution_number \
-                     AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms"
+                    "SELECT j.thing_name FROM ({rows}) AS j JOIN job_executions AS e ON {}",
+                    read("e")
                 );
                 push(self.json_answer(&matching, "thing_name"), true);
+                // An update that keeps the status (IN_PROGRESS with new details, the most
+                // common) leaves `status` out: SQLite then leaves the two indexes on it
+                // alone instead of rewriting each entry in place.
+                let row = read("job_executions");
                 push(
                     format!(
                         "UPDATE OR FAIL job_executions SET {set} FROM ({rows}) AS j \
-                         WHERE job_executions.job_id = j.job_id AND job_executions.thing_name = j.thing_name \
-                         AND job_executions.execution_number = j.execution_number \
-                         AND job_executions.version = j.version - 1 \
-                         AND job_executions.queued_ms = j.queued_ms"
+                         WHERE {row} AND job_executions.status <> j.status"
+                    ),
+                    false,
+                );
+                push(
+                    format!(
+                        "UPDATE OR FAIL job_executions SET {kept} FROM ({rows}) AS j \
+                         WHERE {row} AND job_executions.status = j.status"
                     ),
                     false,
                 );
@@ -259,11 +274,9 @@ impl SqlStore {
                 push(
                     format!(
                         "WITH w AS (UPDATE job_executions AS e SET {set} FROM ({rows}) AS j \
-                         WHERE e.job_id = j.job_id AND e.thing_name = j.thing_name \
-                         AND e.execution_number = j.execution_number \
-                         AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms \
-                         RETURNING e.thing_name) \
-                         SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w"
+                         WHERE {} RETURNING e.thing_name) \
+                         SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w",
+                        read("e")
                     ),
                     true,
                 );

@@ -75,7 +75,7 @@ impl Drop for AbortOnDrop {
 
 /// The SQLite writer's automatic checkpoint, in log pages (32 MiB of 4 KiB pages; SQLite's
 /// default is 1,000). See [`checkpoints`].
-const WRITER_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint=8192;";
+const WRITER_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint=8192; PRAGMA cache_size=-65536;";
 
 /// How often a SQLite database's write-ahead log is copied back into it in the background.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
