@@ -201,7 +201,7 @@ impl DataPlane {
         e: &JobExecution,
     ) -> crate::store::StoreResult<DeviceWriteOutcome> {
         let pending = match (self.bus.get(), e.status.is_terminal()) {
-            (Some(bus), true) => notify::wanted(bus.as_ref(), &self.heads, &e.thing_name),
+            (Some(bus), true) => notify::wanted(bus.as_ref(), &e.thing_name),
             _ => 0,
         };
         let w = DeviceWrite::Update {

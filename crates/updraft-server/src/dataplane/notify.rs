@@ -19,22 +19,15 @@ use crate::server::AppState;
 use crate::store::{ENDED_PENDING_LIMIT, JobExecution};
 
 /// How many of `thing`'s pending executions its notifications need: the `notify` list's
-/// ten, `notify-next`'s head, or none when nobody listens. Then the head `thing` was last
-/// announced is forgotten: whoever subscribes later hears the next head, whatever it is.
-pub(super) fn wanted(
-    bus: &dyn MessageBus,
-    heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
-    thing: &str,
-) -> usize {
+/// ten when anybody listens to it, else the head. The head is read even when nobody
+/// listens to `notify-next`: it is sent only when the head changes, so a device that
+/// subscribes later must hear the next change from the head as it then was, not the
+/// head it already knows (a FreeRTOS agent would restart the job it is running).
+pub(super) fn wanted(bus: &dyn MessageBus, thing: &str) -> usize {
     if bus.has_subscribers(&notify_topic(thing)) {
         ENDED_PENDING_LIMIT
-    } else if bus.has_subscribers(&notify_next_topic(thing)) {
-        1
     } else {
-        if let Ok(mut h) = heads.lock() {
-            h.remove(thing);
-        }
-        0
+        1
     }
 }
 
@@ -45,11 +38,11 @@ pub(super) async fn announce(
     heads: &Mutex<HashMap<String, Option<(String, i64)>>>,
     thing: &str,
 ) {
-    let limit = wanted(bus, heads, thing);
-    if limit == 0 {
-        return;
-    }
-    match state.store.pending_executions(thing, limit).await {
+    match state
+        .store
+        .pending_executions(thing, wanted(bus, thing))
+        .await
+    {
         Ok(pending) => publish(state, bus, heads, thing, &pending).await,
         Err(e) => tracing::warn!(thing, error = %e, "cannot compute notifications"),
     }

@@ -119,8 +119,8 @@ impl JobExecution {
 pub enum DeviceWrite {
     /// Write `execution` if its stored version is `version - 1`. When that ends it, the
     /// outcome carries up to `pending` (at most [`ENDED_PENDING_LIMIT`]) of its thing's
-    /// pending executions: as many as the thing's notifications need, none when nobody
-    /// listens to them.
+    /// pending executions: as many as the thing's notifications need (none for a write
+    /// that announces nothing).
     Update {
         execution: JobExecution,
         pending: usize,
