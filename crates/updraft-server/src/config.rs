@@ -334,6 +334,9 @@ mod tests {
         .unwrap_or_default();
         assert!(err.contains("database URL"), "{err}");
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        // TOML writes a whole number of requests as an integer.
+        let file: FileConfig = toml::from_str("device-rate-limit = 500").unwrap_or_default();
+        assert_eq!(file.device_rate_limit, Some(500.0));
         for rate in [-1.0, f64::NAN, f64::INFINITY] {
             let err = ServerConfig::resolve(FileConfig {
                 device_rate_limit: Some(rate),

@@ -212,10 +212,15 @@ impl DataPlane {
         match &outcome {
             DeviceWriteOutcome::Ended(list) => {
                 self.remember_execution(e);
-                if pending > 0
-                    && let Some(bus) = self.bus.get()
-                {
-                    notify::publish(state, bus.as_ref(), &self.heads, &e.thing_name, list).await;
+                if let Some(bus) = self.bus.get() {
+                    if notify::wanted(bus.as_ref(), &e.thing_name) > pending {
+                        // A device subscribed to `notify` meanwhile: the list read is
+                        // too short for it.
+                        notify::announce(state, bus.as_ref(), &self.heads, &e.thing_name).await;
+                    } else {
+                        notify::publish(state, bus.as_ref(), &self.heads, &e.thing_name, list)
+                            .await;
+                    }
                 }
             }
             DeviceWriteOutcome::Updated(true) => self.remember_execution(e),
