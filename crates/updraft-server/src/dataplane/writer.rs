@@ -2,10 +2,11 @@
 //!
 //! Every device write is a small transaction; on SQLite the commits, not the statements,
 //! are what is serialized, and concurrent writers would wait on the database lock. One
-//! writer task takes the writes that arrive while the previous batch is being committed and
-//! commits them together, so a commit's cost is shared by every device waiting on it and
-//! device writes never contend for the lock among themselves. Each caller still waits for
-//! its own write to be committed before it answers the device.
+//! writer (on a thread of its own: see [`DeviceWriter::spawn`]) takes the writes that
+//! arrive while the previous batch is being committed and commits them together, so a
+//! commit's cost is shared by every device waiting on it and device writes never contend
+//! for the lock among themselves. Each caller still waits for its own write to be committed
+//! before it answers the device.
 
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -113,7 +114,8 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
         };
         match result {
             Ok(outcomes) => {
-                committed = Some((std::mem::take(&mut waiting), outcomes));
+                let spare = Vec::with_capacity(MAX_BATCH);
+                committed = Some((std::mem::replace(&mut waiting, spare), outcomes));
                 writes.clear();
             }
             Err(e) => {
