@@ -371,7 +371,7 @@ impl SqlStore {
                 }
             }
         }
-        // What each run answers: (updates?, starts?); the last run also settles the ends.
+        // What each run answers: (updates?, starts?). The ends are settled after the runs.
         let runs = segments(writes);
         let mut shapes = Vec::with_capacity(runs.len());
         let mut params = Vec::new();

@@ -73,9 +73,10 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The SQLite writer's automatic checkpoint, in log pages (32 MiB of 4 KiB pages; SQLite's
-/// default is 1,000). See [`checkpoints`].
-const WRITER_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint=8192; PRAGMA cache_size=-65536;";
+/// The SQLite writer connections' settings: their automatic checkpoint at 8,192 log pages
+/// (32 MiB of 4 KiB pages; SQLite's default is 1,000; see [`checkpoints`]), and a 64 MiB
+/// page cache (a fleet's executions and their indexes outgrow the default 2 MiB).
+const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint=8192; PRAGMA cache_size=-65536;";
 
 /// How often a SQLite database's write-ahead log is copied back into it in the background.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -85,7 +86,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// committing, instead of inside the commit that filled it (a stall of every device write
 /// waiting on that batch). Only a checkpoint the writer runs between its own transactions
 /// finds every frame copied, which lets the log start over: that is the writer's automatic
-/// checkpoint, at [`WRITER_CHECKPOINT`] pages, by when these have copied nearly all of it.
+/// checkpoint (see [`WRITER_PRAGMAS`]), by when these have copied nearly all of it.
 async fn checkpoints(pool: AnyPool) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -257,7 +258,7 @@ impl SqlStore {
                 // transaction queues for the other.
                 // Copying the write-ahead log back into the database (a checkpoint, with its
                 // fsyncs) is mostly done off that path: see `checkpoints`.
-                let writer = options(2, WRITER_CHECKPOINT).connect(&url).await?;
+                let writer = options(2, WRITER_PRAGMAS).connect(&url).await?;
                 let pool = options(8, "").connect(&url).await?;
                 let task = tokio::spawn(checkpoints(pool.clone()));
                 (pool, writer, Some(Arc::new(AbortOnDrop(task))))
