@@ -593,7 +593,6 @@ pub fn spawn_workers(
 /// cannot starve the others that share its worker.
 struct RateLimiter {
     rate: f64,
-    burst: f64,
     buckets: HashMap<String, (f64, std::time::Instant)>,
     seen: u64,
 }
@@ -603,31 +602,34 @@ impl RateLimiter {
     fn new(rate: f64) -> Self {
         RateLimiter {
             rate,
-            burst: 2.0 * rate,
             buckets: HashMap::new(),
             seen: 0,
         }
+    }
+
+    fn burst(&self) -> f64 {
+        2.0 * self.rate
     }
 
     fn allow(&mut self, client: &str, now: std::time::Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
+        let (rate, burst) = (self.rate, self.burst());
         self.seen += 1;
         if self.seen.is_multiple_of(100_000) {
             // Forget devices that have been quiet long enough to have a full bucket again.
-            let (rate, burst) = (self.rate, self.burst);
             self.buckets
                 .retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() * rate < burst);
         }
         // Looked up by reference first: the key is allocated once per device, not per request.
         if !self.buckets.contains_key(client) {
-            self.buckets.insert(client.to_owned(), (self.burst, now));
+            self.buckets.insert(client.to_owned(), (burst, now));
         }
         let Some((tokens, at)) = self.buckets.get_mut(client) else {
             return true;
         };
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;

@@ -172,10 +172,7 @@ impl SqlStore {
             Dialect::Postgres => {
                 let mut tx = self.begin().await?;
                 for job_id in jobs {
-                    sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
-                        .bind(*job_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                    self.lock_job(&mut tx, job_id).await?;
                 }
                 for s in statements {
                     let param = params.get(s.param).cloned().unwrap_or_default();

@@ -141,18 +141,25 @@ impl SqlStore {
         Ok(job)
     }
 
-    /// Completes a SNAPSHOT job in progress whose executions are all terminal.
-    async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
-        // The job row is locked first. On PostgreSQL (READ COMMITTED) two transactions that
-        // end the last two executions would otherwise each see the other's as still pending
-        // and neither complete the job; behind the lock, the second one's UPDATE takes a
-        // fresh snapshot that sees the first one's commit. (SQLite serializes writers.)
+    /// Locks the row of `job_id` for the rest of `tx` (PostgreSQL; SQLite serializes
+    /// writers). Transactions that may complete a job take it before they look at its
+    /// executions: on PostgreSQL (READ COMMITTED) two transactions that end the last two
+    /// executions would otherwise each see the other's as still pending and neither
+    /// complete the job; behind the lock, the second one's reads take a fresh snapshot that
+    /// sees the first one's commit.
+    pub(super) async fn lock_job(&self, tx: &mut Tx, job_id: &str) -> StoreResult<()> {
         if self.dialect == Dialect::Postgres {
             sqlx::query(self.locked("SELECT job_id FROM jobs WHERE job_id = $1"))
                 .bind(job_id)
                 .fetch_optional(&mut **tx)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Completes a SNAPSHOT job in progress whose executions are all terminal.
+    async fn complete_if_done(&self, tx: &mut Tx, job_id: &str, now_ms: i64) -> StoreResult<()> {
+        self.lock_job(tx, job_id).await?;
         sqlx::query(
             "UPDATE jobs SET status = 'COMPLETED', completed_ms = $2, updated_ms = $2, version = version + 1 \
              WHERE job_id = $1 AND status = 'IN_PROGRESS' AND target_selection = 'SNAPSHOT' \
