@@ -193,6 +193,7 @@ impl From<StoreError> for ApiError {
             StoreError::LimitExceeded(what) => ApiError::new(ErrorCode::LimitExceeded, what),
             StoreError::Invalid(what) => ApiError::invalid(what),
             StoreError::Database(e) => ApiError::internal(format!("database error: {e}")),
+            StoreError::Sqlite(e) => ApiError::internal(format!("database error: {e}")),
             StoreError::Corrupt(what) => {
                 ApiError::internal(format!("stored data is unreadable: {what}"))
             }

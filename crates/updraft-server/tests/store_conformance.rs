@@ -1651,6 +1651,58 @@ async fn device_writes_many_things_in_one_batch(s: Arc<dyn Store>) {
     }
 }
 
+async fn concurrent_callers_get_their_own_outcomes(s: Arc<dyn Store>) {
+    // Many callers at once, each with two writes (start its thing's job, then end it):
+    // however the store groups them, each caller gets its own outcomes, in order, and the
+    // second write sees the first.
+    let things: Vec<String> = (0..60).map(|i| format!("c{i:02}")).collect();
+    let executions: Vec<JobExecution> = things.iter().map(|t| execution("each", t)).collect();
+    s.create_job(&job("each", TargetSelection::Snapshot, &[]), &executions)
+        .await
+        .expect("create");
+    let calls = things.iter().map(|t| {
+        let s = s.clone();
+        let mut done = JobExecution::queued("each", t, 1_000);
+        done.status = ExecutionStatus::Succeeded;
+        done.started_ms = Some(2_000);
+        done.updated_ms = 3_000;
+        done.version = 3;
+        done.status_details = BTreeMap::from([("by".to_owned(), t.clone())]);
+        let writes = vec![
+            DeviceWrite::StartNext {
+                thing: t.clone(),
+                status_details: None,
+                now_ms: 2_000,
+            },
+            update(done),
+        ];
+        async move { (writes.clone(), s.device_writes(&writes).await) }
+    });
+    for (writes, out) in futures::future::join_all(calls).await {
+        let DeviceWrite::StartNext { thing, .. } = &writes[0] else {
+            unreachable!()
+        };
+        let out = out.expect("writes");
+        assert_eq!(out.len(), 2, "{thing}");
+        let DeviceWriteOutcome::Started(Some(started)) = &out[0] else {
+            panic!("{thing}: {:?}", out[0]);
+        };
+        assert_eq!(
+            (started.thing_name.as_str(), started.version),
+            (thing.as_str(), 2)
+        );
+        assert_eq!(out[1], DeviceWriteOutcome::Ended(vec![]), "{thing}");
+        let stored = s
+            .get_execution("each", thing, None)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(stored.status_details["by"], *thing);
+    }
+    let j = s.get_job("each").await.expect("get").expect("exists");
+    assert_eq!(j.status, JobStatus::Completed);
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod sqlite {
@@ -1685,6 +1737,7 @@ conformance!(
     device_writes_batch_start_next_and_updates,
     concurrent_last_executions_complete_the_job,
     device_writes_many_things_in_one_batch,
+    concurrent_callers_get_their_own_outcomes,
     ended_updates_carry_the_pending_list_they_ask_for,
     ota_update_records,
     objects_follow_bucket_versioning,
@@ -1707,9 +1760,8 @@ async fn migrations_apply_once_and_data_survives_reconnect() {
 
 #[tokio::test]
 async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
-    // On SQLite a batch is one multi-statement query from BEGIN to COMMIT: a statement
-    // failing midway must leave nothing written and no transaction open on the writer's
-    // connection. Here the completion statement fails (its table is renamed away) after
+    // On SQLite a batch is one transaction on the device-write connection: a statement
+    // failing midway must leave nothing written and no transaction open on it. Here the completion statement fails (its table is renamed away) after
     // the execution's UPDATE has run.
     let dir = tempdir::Guard::new();
     let url = format!("sqlite://{}/batch.db", dir.path.display());

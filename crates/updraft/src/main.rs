@@ -12,6 +12,14 @@ use std::path::PathBuf;
 use updraft_server::config::{FileConfig, ServerConfig};
 use updraft_server::server::Server;
 
+/// The server's memory allocator. Device requests are handled across threads: a device's
+/// answer is often built on one thread (the database's, a worker) and freed on another.
+/// glibc's allocator returns such memory under its arena's lock, and under load the
+/// threads queued on those locks (`updraft bench jobs`: 39k → 50k updates/s, the broker's
+/// raw request/response 117k → 138k round trips/s, with mimalloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "updraft",

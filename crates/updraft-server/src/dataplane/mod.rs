@@ -548,12 +548,14 @@ pub fn spawn_workers(
     rate: f64,
 ) {
     let workers = workers.max(1);
-    match writer::DeviceWriter::spawn(state.store.clone()) {
-        Ok(w) => {
-            let _ = state.data_plane.writer.set(w);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no group-commit writer thread; device writes commit one by one");
+    if !state.store.group_commits() {
+        match writer::DeviceWriter::spawn(state.store.clone()) {
+            Ok(w) => {
+                let _ = state.data_plane.writer.set(w);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no group-commit writer thread; device writes commit one by one");
+            }
         }
     }
     let mut senders = Vec::with_capacity(workers);

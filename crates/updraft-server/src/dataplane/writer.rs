@@ -1,4 +1,6 @@
-//! Group commit for devices' writes: execution updates and StartNext.
+//! Group commit for devices' writes (execution updates and StartNext), for stores that do
+//! not group-commit them themselves (`JobStore::group_commits`: PostgreSQL; SQLite does it
+//! on its device-write connection's thread, `store/sql/sqlite_devices.rs`).
 //!
 //! Every device write is a small transaction; on SQLite the commits, not the statements,
 //! are what is serialized, and concurrent writers would wait on the database lock. One

@@ -41,6 +41,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The SQLite connection devices' writes run on (see `store/sql/sqlite_devices.rs`).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Corrupt(String),
 }
@@ -314,6 +317,12 @@ pub trait JobStore: Send + Sync {
     /// write. Updates complete SNAPSHOT jobs whose executions are then all terminal. A
     /// database failure fails them all (and writes none).
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>>;
+
+    /// Whether [`JobStore::device_writes`] commits concurrent callers' writes together
+    /// itself (group commit); if not, the data plane's writer batches them.
+    fn group_commits(&self) -> bool {
+        false
+    }
 
     /// One device write in its own transaction.
     async fn device_write(&self, write: DeviceWrite) -> StoreResult<DeviceWriteOutcome> {

@@ -1,20 +1,14 @@
-//! Devices' writes in batches (group commit) and things' pending lists, in as few trips to
-//! the database as the dialect allows.
+//! PostgreSQL: devices' writes in batches (group commit, the data plane's writer) and
+//! things' pending lists (both dialects), in as few round trips as the dialect allows.
+//! (SQLite group-commits devices' writes itself: `sqlite_devices.rs`.)
 //!
 //! A batch is cut into runs (each thing at most once per run). Each list a run sends
 //! travels as ONE JSON parameter (an array of arrays): the execution updates, the
-//! StartNext requests, and on the last run the jobs that terminal updates may complete and
+//! StartNext requests, and after the runs the jobs that terminal updates may complete and
 //! the things whose pending list the data plane announces. Every statement reads its rows
 //! from its list's parameter, so a statement's text does not depend on the batch's size (it
 //! is prepared once), a list is parsed only by the statements that read it, and every read
 //! answers one row of JSON however many rows it found.
-//!
-//! On SQLite each statement sent is a hand-off to the connection's thread and back (on a
-//! busy server, a wait for a core each way), and each row of a result is one more: the
-//! whole batch, BEGIN IMMEDIATE to COMMIT, goes as one multi-statement query (parameter k
-//! is `$k` in every statement), so a batch costs one trip. PostgreSQL takes no
-//! multi-statement query with parameters; there the statements go one by one in a
-//! transaction.
 
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Row};
@@ -106,7 +100,7 @@ impl SqlStore {
     }
 
     /// Runs `statements` (statement i reading `params[statements[i].param]`) in one
-    /// transaction, on PostgreSQL after locking `jobs`; the JSON answers, in order.
+    /// transaction after locking `jobs`; the JSON answers, in order.
     async fn execute_batch(
         &self,
         statements: &[Statement],
@@ -114,78 +108,20 @@ impl SqlStore {
         jobs: &BTreeSet<&str>,
     ) -> StoreResult<Vec<String>> {
         let mut answers = Vec::new();
-        match self.dialect {
-            Dialect::Sqlite => {
-                use futures::TryStreamExt;
-                let mut sql = String::from("BEGIN IMMEDIATE;\n");
-                for s in statements {
-                    sql.push_str(&s.sql);
-                    sql.push_str(";\n");
-                }
-                sql.push_str("COMMIT");
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for p in params {
-                    query = query.bind(p);
-                }
-                // The writer connection device batches keep between batches (see
-                // `SqlStore::device_connection`): taken out while in use, so a batch
-                // cancelled half-way drops it back to the pool, which rolls it back.
-                let mut held = self.device_connection.lock().await;
-                let mut conn = match held.take() {
-                    Some(conn) => conn,
-                    None => self.writer.acquire().await?,
-                };
-                // sqlx 0.9 deprecates multi-statement prepared queries (only its SQLite
-                // driver has them; launchbadge/sqlx#3108) but keeps them. The store
-                // conformance suite runs every batch shape through this, so an sqlx that
-                // drops them fails there.
-                #[allow(deprecated)]
-                let mut results = query.fetch_many(&mut *conn);
-                let mut outcome: StoreResult<()> = Ok(());
-                loop {
-                    match results.try_next().await {
-                        Ok(Some(sqlx::Either::Right(row))) => match row.try_get::<String, _>(0) {
-                            Ok(a) => answers.push(a),
-                            Err(e) => {
-                                outcome = Err(e.into());
-                                break;
-                            }
-                        },
-                        Ok(Some(sqlx::Either::Left(_))) => {}
-                        Ok(None) => break,
-                        Err(e) => {
-                            outcome = Err(e.into());
-                            break;
-                        }
-                    }
-                }
-                drop(results);
-                if outcome.is_err() {
-                    // The query stopped where it failed, maybe inside the transaction: end
-                    // it before the connection is used again (an error here means none
-                    // was open).
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                }
-                *held = Some(conn);
-                outcome?;
-            }
-            Dialect::Postgres => {
-                let mut tx = self.begin().await?;
-                for job_id in jobs {
-                    self.lock_job(&mut tx, job_id).await?;
-                }
-                for s in statements {
-                    let param = params.get(s.param).cloned().unwrap_or_default();
-                    let q = sqlx::query(AssertSqlSafe(s.sql.clone())).bind(param);
-                    if s.answers {
-                        answers.push(q.fetch_one(&mut *tx).await?.try_get::<String, _>(0)?);
-                    } else {
-                        q.execute(&mut *tx).await?;
-                    }
-                }
-                tx.commit().await?;
+        let mut tx = self.begin().await?;
+        for job_id in jobs {
+            self.lock_job(&mut tx, job_id).await?;
+        }
+        for s in statements {
+            let param = params.get(s.param).cloned().unwrap_or_default();
+            let q = sqlx::query(AssertSqlSafe(s.sql.clone())).bind(param);
+            if s.answers {
+                answers.push(q.fetch_one(&mut *tx).await?.try_get::<String, _>(0)?);
+            } else {
+                q.execute(&mut *tx).await?;
             }
         }
+        tx.commit().await?;
         let expected = statements.iter().filter(|s| s.answers).count();
         if answers.len() != expected {
             return Err(StoreError::Corrupt(format!(
@@ -196,120 +132,51 @@ impl SqlStore {
         Ok(answers)
     }
 
-    /// The placeholder of parameter `i` (0-based): one query binds every parameter on
-    /// SQLite, each statement its own on PostgreSQL.
-    fn placeholder(&self, i: usize) -> usize {
-        match self.dialect {
-            Dialect::Sqlite => i + 1,
-            Dialect::Postgres => 1,
-        }
-    }
-
-    /// The statements of a run's updates in parameter `param`: written where the stored
+    /// The statement of a run's updates in parameter `param`: written where the stored
     /// version is one less and the queue time the same; answers the things written.
-    fn update_statements(&self, param: usize, statements: &mut Vec<Statement>) {
-        let u = self.elements(self.placeholder(param));
-        let rows = format!(
-            "SELECT value ->> 0 AS job_id, value ->> 1 AS thing_name, \
-             CAST(value ->> 2 AS BIGINT) AS execution_number, value ->> 3 AS status, \
-             CAST(value ->> 4 AS BIGINT) AS force_canceled, value ->> 5 AS status_details, \
-             CAST(value ->> 6 AS BIGINT) AS started_ms, CAST(value ->> 7 AS BIGINT) AS updated_ms, \
-             CAST(value ->> 8 AS BIGINT) AS version, CAST(value ->> 9 AS BIGINT) AS queued_ms FROM {u}"
-        );
-        // The row the writer read: same execution, the version before, the same queue time.
-        let read = |t: &str| {
-            format!(
-                "{t}.job_id = j.job_id AND {t}.thing_name = j.thing_name \
-                 AND {t}.execution_number = j.execution_number \
-                 AND {t}.version = j.version - 1 AND {t}.queued_ms = j.queued_ms"
-            )
-        };
-        let kept = "force_canceled = j.force_canceled, status_details = j.status_details, \
-                    started_ms = j.started_ms, updated_ms = j.updated_ms, version = j.version";
-        let set = format!("status = j.status, {kept}");
-        let mut push = |sql: String, answers: bool| {
-            statements.push(Statement {
-                sql,
-                param,
-                answers,
-            })
-        };
-        match self.dialect {
-            Dialect::Sqlite => {
-                // No other writer runs inside this (IMMEDIATE) transaction: the rows that
-                // match now are exactly the ones the UPDATEs then write. (OR FAIL: an error
-                // rolls the whole batch back anyway, so SQLite need not journal the
-                // statement's own changes to undo them alone.)
-                let matching = format!(
-                    "SELECT j.thing_name FROM ({rows}) AS j JOIN job_executions AS e ON {}",
-                    read("e")
-                );
-                push(self.json_answer(&matching, "thing_name"), true);
-                // An update that keeps the status (IN_PROGRESS with new details, the most
-                // common) leaves `status` out: SQLite then leaves the two indexes on it
-                // alone instead of rewriting each entry in place.
-                let row = read("job_executions");
-                push(
-                    format!(
-                        "UPDATE OR FAIL job_executions SET {set} FROM ({rows}) AS j \
-                         WHERE {row} AND job_executions.status <> j.status"
-                    ),
-                    false,
-                );
-                push(
-                    format!(
-                        "UPDATE OR FAIL job_executions SET {kept} FROM ({rows}) AS j \
-                         WHERE {row} AND job_executions.status = j.status"
-                    ),
-                    false,
-                );
-            }
-            Dialect::Postgres => {
-                // Another server's transaction may change a row between a check and the
-                // UPDATE: the UPDATE itself says what it wrote. (A data-modifying WITH must
-                // be at the top level, hence no `json_answer`.)
-                push(
-                    format!(
-                        "WITH w AS (UPDATE job_executions AS e SET {set} FROM ({rows}) AS j \
-                         WHERE {} RETURNING e.thing_name) \
-                         SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w",
-                        read("e")
-                    ),
-                    true,
-                );
-            }
+    /// Another server's transaction may change a row between a check and the UPDATE: the
+    /// UPDATE itself says what it wrote. (A data-modifying WITH must be at the top level,
+    /// hence no `json_answer`.)
+    fn update_statement(&self, param: usize) -> Statement {
+        let u = self.elements(1);
+        Statement {
+            sql: format!(
+                "WITH w AS (UPDATE job_executions AS e SET status = j.status, \
+                 force_canceled = j.force_canceled, status_details = j.status_details, \
+                 started_ms = j.started_ms, updated_ms = j.updated_ms, version = j.version \
+                 FROM (SELECT value ->> 0 AS job_id, value ->> 1 AS thing_name, \
+                 CAST(value ->> 2 AS BIGINT) AS execution_number, value ->> 3 AS status, \
+                 CAST(value ->> 4 AS BIGINT) AS force_canceled, value ->> 5 AS status_details, \
+                 CAST(value ->> 6 AS BIGINT) AS started_ms, CAST(value ->> 7 AS BIGINT) AS updated_ms, \
+                 CAST(value ->> 8 AS BIGINT) AS version, CAST(value ->> 9 AS BIGINT) AS queued_ms \
+                 FROM {u}) AS j \
+                 WHERE e.job_id = j.job_id AND e.thing_name = j.thing_name \
+                 AND e.execution_number = j.execution_number \
+                 AND e.version = j.version - 1 AND e.queued_ms = j.queued_ms \
+                 RETURNING e.thing_name) \
+                 SELECT COALESCE(json_agg(json_build_array(thing_name)), '[]')::text FROM w"
+            ),
+            param,
+            answers: true,
         }
     }
 
     /// The statements of a run's StartNexts in parameter `param`: a thing's first QUEUED
     /// execution starts unless one is in progress; answers each thing's head.
     fn start_statements(&self, param: usize, statements: &mut Vec<Statement>) {
-        let p = self.placeholder(param);
-        let s = self.elements(p);
-        let (target, row, key, head_key) = match self.dialect {
-            Dialect::Sqlite => (
-                "OR FAIL job_executions",
-                "job_executions",
-                "job_executions.rowid",
-                "rowid",
-            ),
-            Dialect::Postgres => (
-                "job_executions AS x",
-                "x",
-                "(x.job_id, x.thing_name, x.execution_number)",
-                "job_id, thing_name, execution_number",
-            ),
-        };
-        // The status is checked on the row itself too: on PostgreSQL a row another
-        // transaction just started is re-checked after its lock, the subqueries not.
+        let s = self.elements(1);
+        // The status is checked on the row itself too: a row another transaction just
+        // started is re-checked after its lock, the subqueries not.
         statements.push(Statement {
             sql: format!(
-                "UPDATE {target} SET status = 'IN_PROGRESS', started_ms = s.now_ms, updated_ms = s.now_ms, \
-                 status_details = COALESCE(s.status_details, {row}.status_details), version = {row}.version + 1 \
+                "UPDATE job_executions AS x SET status = 'IN_PROGRESS', started_ms = s.now_ms, \
+                 updated_ms = s.now_ms, status_details = COALESCE(s.status_details, x.status_details), \
+                 version = x.version + 1 \
                  FROM (SELECT value ->> 0 AS thing, value ->> 1 AS status_details, \
                  CAST(value ->> 2 AS BIGINT) AS now_ms FROM {s}) AS s \
-                 WHERE {key} = (SELECT {head_key} FROM job_executions WHERE thing_name = s.thing \
-                 AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AND {row}.status = 'QUEUED' \
+                 WHERE (x.job_id, x.thing_name, x.execution_number) = (SELECT job_id, thing_name, \
+                 execution_number FROM job_executions WHERE thing_name = s.thing \
+                 AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AND x.status = 'QUEUED' \
                  AND NOT EXISTS (SELECT 1 FROM job_executions WHERE thing_name = s.thing \
                  AND status = 'IN_PROGRESS')"
             ),
@@ -317,7 +184,7 @@ impl SqlStore {
             answers: false,
         });
         statements.push(Statement {
-            sql: self.pending_sql(p, 1),
+            sql: self.pending_sql(1, 1),
             param,
             answers: true,
         });
@@ -327,7 +194,7 @@ impl SqlStore {
     /// whose executions are all terminal. The jobs are looked up from the list (not the
     /// list scanned for every job in progress).
     fn completion_statement(&self, param: usize) -> Statement {
-        let c = self.elements(self.placeholder(param));
+        let c = self.elements(1);
         Statement {
             sql: format!(
                 "UPDATE jobs SET status = 'COMPLETED', \
@@ -403,7 +270,7 @@ impl SqlStore {
             }
             let shape = (!u.is_empty(), !s.is_empty());
             if shape.0 {
-                self.update_statements(params.len(), &mut statements);
+                statements.push(self.update_statement(params.len()));
                 params.push(serde_json::Value::from(u).to_string());
             }
             if shape.1 {
@@ -420,7 +287,7 @@ impl SqlStore {
         }
         if listed > 0 {
             statements.push(Statement {
-                sql: self.pending_sql(self.placeholder(params.len()), listed),
+                sql: self.pending_sql(1, listed),
                 param: params.len(),
                 answers: true,
             });
@@ -482,20 +349,7 @@ impl SqlStore {
             }
         }
         if listed > 0 {
-            let pending = pending_lists(&answer()?, listed)?;
-            for (o, w) in outcomes.iter_mut().zip(writes) {
-                if let (
-                    DeviceWriteOutcome::Ended(list),
-                    DeviceWrite::Update {
-                        execution: e,
-                        pending: wanted,
-                    },
-                ) = (o, w)
-                    && let Some(p) = pending.get(&e.thing_name)
-                {
-                    list.extend(p.iter().take(*wanted).cloned());
-                }
-            }
+            carry_pending_lists(&mut outcomes, writes, &pending_lists(&answer()?, listed)?);
         }
         Ok(outcomes)
     }
@@ -513,6 +367,28 @@ impl SqlStore {
         Ok(pending_lists(&row.try_get::<String, _>(0)?, limit)?
             .remove(thing)
             .unwrap_or_default())
+    }
+}
+
+/// Gives each `Ended` outcome (of the update in `writes` at its place) the head of its
+/// thing's pending list in `lists`, as long as the update asked for.
+pub(super) fn carry_pending_lists<'a>(
+    outcomes: &mut [DeviceWriteOutcome],
+    writes: impl IntoIterator<Item = &'a DeviceWrite>,
+    lists: &HashMap<String, Vec<JobExecution>>,
+) {
+    for (o, w) in outcomes.iter_mut().zip(writes) {
+        if let (
+            DeviceWriteOutcome::Ended(list),
+            DeviceWrite::Update {
+                execution: e,
+                pending: wanted,
+            },
+        ) = (o, w)
+            && let Some(p) = lists.get(&e.thing_name)
+        {
+            list.extend(p.iter().take(*wanted).cloned());
+        }
     }
 }
 

@@ -432,8 +432,15 @@ impl JobStore for SqlStore {
             .await
     }
 
+    fn group_commits(&self) -> bool {
+        self.devices.is_some()
+    }
+
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
-        self.device_batch(writes).await
+        match &self.devices {
+            Some(db) => db.write(writes).await,
+            None => self.device_batch(writes).await,
+        }
     }
 
     async fn delete_execution(

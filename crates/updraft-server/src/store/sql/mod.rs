@@ -6,7 +6,6 @@
 //! `FOR UPDATE`), the collation of key columns, and the migration lock.
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -51,15 +50,13 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub struct SqlStore {
     /// Reads (and, on PostgreSQL, everything).
     pool: AnyPool,
-    /// Write transactions: on SQLite two connections (see `device_connection`), on
-    /// PostgreSQL the same pool.
+    /// Write transactions: on SQLite one connection (devices' writes have their own, see
+    /// `devices`), on PostgreSQL the same pool.
     writer: AnyPool,
     dialect: Dialect,
-    /// SQLite: the writer connection device batches keep from one batch to the next.
-    /// Returning a connection to its pool costs a round trip to the connection's thread
-    /// (sqlx pings it), and another to take it again: on the path every device write
-    /// waits on, once per batch.
-    device_connection: Arc<tokio::sync::Mutex<Option<PoolConnection<Any>>>>,
+    /// SQLite: the connection, on a thread of its own, that group-commits devices' writes
+    /// (see `sqlite_devices.rs`).
+    devices: Option<Arc<sqlite_devices::DeviceDb>>,
     /// SQLite: the background checkpoints, until the last clone of the store is gone.
     _checkpoints: Option<Arc<AbortOnDrop>>,
 }
@@ -75,7 +72,8 @@ impl Drop for AbortOnDrop {
 
 /// The SQLite writer connections' settings: their automatic checkpoint at 8,192 log pages
 /// (32 MiB of 4 KiB pages; SQLite's default is 1,000; see [`checkpoints`]), and a 64 MiB
-/// page cache (a fleet's executions and their indexes outgrow the default 2 MiB).
+/// page cache (a fleet's executions and their indexes outgrow the default 2 MiB). The
+/// device-write connection (`sqlite_devices.rs`) has the same.
 const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint=8192; PRAGMA cache_size=-65536;";
 
 /// How often a SQLite database's write-ahead log is copied back into it in the background.
@@ -209,6 +207,7 @@ mod objects;
 mod ota;
 mod settings;
 mod signing;
+mod sqlite_devices;
 mod streams;
 mod things;
 
@@ -250,15 +249,15 @@ impl SqlStore {
                             })
                         })
                 };
-                // SQLite runs one writer at a time. Giving writes connections of their own
+                // SQLite runs one writer at a time. Giving writes a connection of their own
                 // queues writers in the pool (in order, without SQLite's sleeping busy
-                // handler) and keeps those connections' page cache warm: a connection whose
+                // handler) and keeps that connection's page cache warm: a connection whose
                 // database another connection changed starts over from the OS's cache.
-                // Two: device batches keep one (`device_connection`), every other write
-                // transaction queues for the other.
+                // Devices' writes have a connection of their own (`sqlite_devices`); SQLite
+                // serializes the two.
                 // Copying the write-ahead log back into the database (a checkpoint, with its
                 // fsyncs) is mostly done off that path: see `checkpoints`.
-                let writer = options(2, WRITER_PRAGMAS).connect(&url).await?;
+                let writer = options(1, WRITER_PRAGMAS).connect(&url).await?;
                 let pool = options(8, "").connect(&url).await?;
                 let task = tokio::spawn(checkpoints(pool.clone()));
                 (pool, writer, Some(Arc::new(AbortOnDrop(task))))
@@ -272,14 +271,20 @@ impl SqlStore {
                 (pool.clone(), pool, None)
             }
         };
-        let store = SqlStore {
+        let mut store = SqlStore {
             pool,
             writer,
             dialect,
-            device_connection: Arc::default(),
+            devices: None,
             _checkpoints: checkpoints,
         };
         store.migrate().await?;
+        if dialect == Dialect::Sqlite {
+            let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
+            store.devices = Some(Arc::new(sqlite_devices::DeviceDb::open(
+                options.get_filename(),
+            )?));
+        }
         Ok(store)
     }
 
@@ -289,7 +294,9 @@ impl SqlStore {
 
     /// Closes the pools (waits for connections to be returned).
     pub async fn close(&self) {
-        self.device_connection.lock().await.take();
+        if let Some(db) = &self.devices {
+            db.close().await;
+        }
         self.pool.close().await;
         self.writer.close().await;
     }

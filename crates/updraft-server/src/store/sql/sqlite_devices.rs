@@ -1,0 +1,283 @@
+//! SQLite: devices' writes (execution updates and StartNext), group-committed on a
+//! connection and a thread of their own.
+//!
+//! Every device write is a small transaction, and SQLite serializes commits: the thread
+//! that owns this connection takes every write that arrived while it committed the last
+//! batch and commits them together (up to [`MAX_BATCH`]), so a commit's cost is shared by
+//! every device waiting on it. Each caller still waits for its own write to be committed
+//! before its device is answered.
+//!
+//! Why not through sqlx: sqlx runs each SQLite connection on a thread of its own and hands
+//! every statement, every result and every row between that thread and its caller, each
+//! hand-off a wake-up of a thread (on a busy 2-core machine, a wait for a core). A batch
+//! is many small statements (one or two per write, each a lookup by key); here it costs
+//! one hand-off in and one answer out per caller. The statements change at most one row
+//! each and call no function, so SQLite runs them without a statement journal (a copy of
+//! each page before it is changed, which set-based statements reading the batch from JSON
+//! needed). PostgreSQL's group commit is the data plane's writer (`dataplane/writer.rs`)
+//! with `device_batch.rs`.
+//!
+//! The other writes (control plane) keep going through sqlx's writer pool; SQLite
+//! serializes the two connections' write transactions (`busy_timeout`).
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+use super::device_batch::carry_pending_lists;
+use super::{EXECUTION_COLUMNS, ExecutionColumns, WRITER_PRAGMAS, execution_from, flag, to_json};
+use crate::store::{
+    DeviceWrite, DeviceWriteOutcome, ENDED_PENDING_LIMIT, ExecutionStatus, JobExecution,
+    StoreError, StoreResult,
+};
+
+/// The most writes committed together.
+const MAX_BATCH: usize = 256;
+
+type Outcomes = StoreResult<Vec<DeviceWriteOutcome>>;
+/// A caller's writes (applied in order, in one transaction) and where their outcomes go.
+type Request = (Vec<DeviceWrite>, oneshot::Sender<Outcomes>);
+
+/// The device-write connection's thread: requests go in, outcomes come back.
+pub(super) struct DeviceDb {
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    /// Answered (dropped) once the thread has closed its connection.
+    closed: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+fn gone() -> StoreError {
+    StoreError::Invalid("the store is closed".into())
+}
+
+impl DeviceDb {
+    /// Opens the database file at `path` (its schema already migrated) on a new thread.
+    pub(super) fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // The writer pool's settings (WAL, commits not synced: the log is, at checkpoints;
+        // see `WRITER_PRAGMAS`).
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; {WRITER_PRAGMAS}"
+        ))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (closed_tx, closed_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("updraft-sqlite-devices".into())
+            .spawn(move || {
+                serve(conn, &rx);
+                drop(closed_tx);
+            })
+            .map_err(|e| StoreError::Invalid(format!("cannot start the device writer: {e}")))?;
+        Ok(DeviceDb {
+            requests: Mutex::new(Some(tx)),
+            closed: Mutex::new(Some(closed_rx)),
+        })
+    }
+
+    /// Applies `writes` in order in one transaction (with other callers' writes).
+    pub(super) async fn write(&self, writes: &[DeviceWrite]) -> Outcomes {
+        let (done, outcome) = oneshot::channel();
+        let sent = match self.requests.lock() {
+            Ok(requests) => requests
+                .as_ref()
+                .is_some_and(|r| r.send((writes.to_vec(), done)).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
+            return Err(gone());
+        }
+        outcome.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Stops taking writes; returns once those taken are answered and the connection is
+    /// closed.
+    pub(super) async fn close(&self) {
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.take();
+        }
+        let closed = self.closed.lock().ok().and_then(|mut c| c.take());
+        if let Some(closed) = closed {
+            let _ = closed.await;
+        }
+    }
+}
+
+/// The connection's thread: a batch of every request waiting, until the store closes.
+fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>) {
+    while let Ok(first) = requests.recv() {
+        let mut size = first.0.len();
+        let mut batch = vec![first];
+        while size < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(r) => {
+                    size += r.0.len();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<&DeviceWrite> = batch.iter().flat_map(|(w, _)| w).collect();
+        match apply(&mut conn, &writes) {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                for (w, done) in batch {
+                    let _ = done.send(Ok(outcomes.by_ref().take(w.len()).collect()));
+                }
+            }
+            Err(e) if batch.len() > 1 => {
+                // Apply them one caller at a time, so each gets its own outcome.
+                tracing::warn!(error = %e, size, "group commit failed; writing singly");
+                for (w, done) in batch {
+                    let writes: Vec<&DeviceWrite> = w.iter().collect();
+                    let _ = done.send(apply(&mut conn, &writes));
+                }
+            }
+            Err(e) => {
+                if let Some((_, done)) = batch.pop() {
+                    let _ = done.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// A write that keeps the status (IN_PROGRESS with new details, the most common) leaves
+/// `status` out, so SQLite leaves the two indexes on it alone.
+const KEEP_STATUS: &str = "UPDATE job_executions SET force_canceled = ?5, status_details = ?6, \
+     started_ms = ?7, updated_ms = ?8, version = ?9 WHERE job_id = ?1 AND thing_name = ?2 \
+     AND execution_number = ?3 AND version = ?9 - 1 AND queued_ms = ?10 AND status = ?4";
+const MOVE_STATUS: &str = "UPDATE job_executions SET status = ?4, force_canceled = ?5, \
+     status_details = ?6, started_ms = ?7, updated_ms = ?8, version = ?9 WHERE job_id = ?1 \
+     AND thing_name = ?2 AND execution_number = ?3 AND version = ?9 - 1 AND queued_ms = ?10 \
+     AND status <> ?4";
+/// A thing's first QUEUED execution starts unless one is in progress.
+const START_NEXT: &str = "UPDATE job_executions SET status = 'IN_PROGRESS', started_ms = ?3, \
+     updated_ms = ?3, status_details = COALESCE(?2, status_details), version = version + 1 \
+     WHERE rowid = (SELECT rowid FROM job_executions WHERE thing_name = ?1 AND status = 'QUEUED' \
+     ORDER BY queued_ms, job_id LIMIT 1) AND NOT EXISTS (SELECT 1 FROM job_executions \
+     WHERE thing_name = ?1 AND status = 'IN_PROGRESS')";
+/// A SNAPSHOT job whose executions are all terminal is complete.
+const COMPLETE: &str = "UPDATE jobs SET status = 'COMPLETED', completed_ms = ?2, updated_ms = ?2, \
+     version = version + 1 WHERE job_id = ?1 AND status = 'IN_PROGRESS' \
+     AND target_selection = 'SNAPSHOT' AND NOT EXISTS (SELECT 1 FROM job_executions \
+     WHERE job_id = ?1 AND status IN ('QUEUED', 'IN_PROGRESS'))";
+
+/// [`crate::store::JobStore::device_writes`] on `conn`: the writes in order, each seeing the
+/// ones before it; then the jobs terminal updates may complete, then the pending lists
+/// ended executions carry (as they stand after the whole batch).
+fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(writes.len());
+    // Jobs that terminal updates may complete (the latest end time of each), and the
+    // things whose pending list an outcome carries (the longest asked).
+    let mut ends: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut ended_things: BTreeSet<&str> = BTreeSet::new();
+    let mut listed = 0;
+    for &w in writes {
+        outcomes.push(match w {
+            DeviceWrite::Update {
+                execution: e,
+                pending,
+            } => {
+                let details = to_json(&e.status_details)?;
+                let values = params![
+                    e.job_id,
+                    e.thing_name,
+                    e.execution_number,
+                    e.status.as_str(),
+                    flag(e.force_canceled),
+                    details,
+                    e.started_ms,
+                    e.updated_ms,
+                    e.version,
+                    e.queued_ms,
+                ];
+                // The likelier one first: progress reports keep IN_PROGRESS, other
+                // statuses are reached from another.
+                let tries = if e.status == ExecutionStatus::InProgress {
+                    [KEEP_STATUS, MOVE_STATUS]
+                } else {
+                    [MOVE_STATUS, KEEP_STATUS]
+                };
+                let mut written = false;
+                for sql in tries {
+                    if tx.prepare_cached(sql)?.execute(values)? == 1 {
+                        written = true;
+                        break;
+                    }
+                }
+                if written && e.status.is_terminal() {
+                    let at = ends.entry(&e.job_id).or_insert(e.updated_ms);
+                    *at = (*at).max(e.updated_ms);
+                    if *pending > 0 {
+                        ended_things.insert(&e.thing_name);
+                        listed = listed.max((*pending).min(ENDED_PENDING_LIMIT));
+                    }
+                    // The list is filled in below, once every write is applied.
+                    DeviceWriteOutcome::Ended(Vec::new())
+                } else {
+                    DeviceWriteOutcome::Updated(written)
+                }
+            }
+            DeviceWrite::StartNext {
+                thing,
+                status_details,
+                now_ms,
+            } => {
+                let details = status_details.as_ref().map(to_json).transpose()?;
+                tx.prepare_cached(START_NEXT)?
+                    .execute(params![thing, details, now_ms])?;
+                DeviceWriteOutcome::Started(pending(&tx, thing, 1)?.pop())
+            }
+        });
+    }
+    for (job, at) in &ends {
+        tx.prepare_cached(COMPLETE)?.execute(params![job, at])?;
+    }
+    let mut lists = HashMap::new();
+    for thing in ended_things {
+        lists.insert(thing.to_owned(), pending(&tx, thing, listed)?);
+    }
+    carry_pending_lists(&mut outcomes, writes.iter().copied(), &lists);
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// `thing`'s pending executions, IN_PROGRESS first, then QUEUED, each by queue time: at
+/// most `limit` (each status read in index order and cut there; the limit is in the text,
+/// which the statement cache keys on).
+fn pending(conn: &Connection, thing: &str, limit: usize) -> StoreResult<Vec<JobExecution>> {
+    let mut list = Vec::new();
+    for status in [ExecutionStatus::InProgress, ExecutionStatus::Queued] {
+        let left = limit - list.len();
+        if left == 0 {
+            break;
+        }
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = ?1 \
+             AND status = ?2 ORDER BY queued_ms, job_id LIMIT {left}"
+        ))?;
+        let mut rows = statement.query(params![thing, status.as_str()])?;
+        while let Some(row) = rows.next()? {
+            let columns: ExecutionColumns = (
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+                row.get(7)?,
+                row.get(8)?,
+                row.get(9)?,
+                row.get(10)?,
+            );
+            list.push(execution_from(columns)?);
+        }
+    }
+    Ok(list)
+}
