@@ -1761,14 +1761,21 @@ async fn migrations_apply_once_and_data_survives_reconnect() {
 #[tokio::test]
 async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
     // On SQLite a batch is one transaction on the device-write connection: a statement
-    // failing midway must leave nothing written and no transaction open on it. Here the completion statement fails (its table is renamed away) after
-    // the execution's UPDATE has run.
+    // failing midway must leave nothing written and no transaction open on it. Here the
+    // completion statement fails (its table is renamed away) after the execution's UPDATE
+    // has run. Another caller's write, in the same batch or not, is not failed with it.
     let dir = tempdir::Guard::new();
     let url = format!("sqlite://{}/batch.db", dir.path.display());
     let s = SqlStore::connect(&url).await.expect("store");
     s.create_job(
         &job("fail", TargetSelection::Snapshot, &[]),
         &[execution("fail", "x")],
+    )
+    .await
+    .expect("create");
+    s.create_job(
+        &job("other", TargetSelection::Snapshot, &[]),
+        &[execution("other", "y")],
     )
     .await
     .expect("create");
@@ -1788,10 +1795,26 @@ async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
         .execute(&side)
         .await
         .expect("rename");
-    assert!(
-        s.device_writes(&[update(done.clone())]).await.is_err(),
-        "the batch fails"
-    );
+    let start_y = [DeviceWrite::StartNext {
+        thing: "y".into(),
+        status_details: None,
+        now_ms: 9_000,
+    }];
+    let end_x = [update(done.clone())];
+    let (failed, started) = tokio::join!(s.device_writes(&end_x), s.device_writes(&start_y));
+    assert!(failed.is_err(), "the batch fails");
+    match started
+        .expect("the other caller's write is applied")
+        .as_slice()
+    {
+        [DeviceWriteOutcome::Started(Some(e))] => {
+            assert_eq!(
+                (e.thing_name.as_str(), e.status),
+                ("y", ExecutionStatus::InProgress)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     sqlx::raw_sql("ALTER TABLE jobs_away RENAME TO jobs")
         .execute(&side)
         .await

@@ -2,13 +2,12 @@
 //! not group-commit them themselves (`JobStore::group_commits`: PostgreSQL; SQLite does it
 //! on its device-write connection's thread, `store/sql/sqlite_devices.rs`).
 //!
-//! Every device write is a small transaction; on SQLite the commits, not the statements,
-//! are what is serialized, and concurrent writers would wait on the database lock. One
-//! writer (on a thread of its own: see [`DeviceWriter::spawn`]) takes the writes that
-//! arrive while the previous batch is being committed and commits them together, so a
-//! commit's cost is shared by every device waiting on it and device writes never contend
-//! for the lock among themselves. Each caller still waits for its own write to be committed
-//! before it answers the device.
+//! Every device write is a small transaction, and each is a round trip (or several) to the
+//! database. One writer (on a thread of its own: see [`DeviceWriter::spawn`]) takes the
+//! writes that arrive while the previous batch is being committed and commits them
+//! together, so a commit's cost and round trips are shared by every device waiting on it
+//! and device writes never contend for row locks among themselves. Each caller still waits
+//! for its own write to be committed before it answers the device.
 
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};

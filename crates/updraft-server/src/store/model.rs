@@ -113,8 +113,9 @@ impl JobExecution {
     }
 }
 
-/// A device's write to its executions, as the data plane hands them to the store in
-/// batches (group commit: one transaction for all the devices waiting).
+/// A device's write to its executions. Concurrent devices' writes are committed together
+/// (group commit: one transaction for all the devices waiting), by the store itself on
+/// SQLite and by the data plane's writer on PostgreSQL (`JobStore::group_commits`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceWrite {
     /// Write `execution` if its stored version is `version - 1`. When that ends it, the

@@ -46,14 +46,13 @@ struct Statement {
 }
 
 impl SqlStore {
-    /// The elements of the array in parameter `$p`, as rows with one column `value` (each
-    /// element is itself an array, read with `value ->> i`). SQLite's `jsonb_each` hands
-    /// each element over parsed (JSONB), so reading its ten columns does not parse it ten
-    /// times.
-    fn elements(&self, p: usize) -> String {
+    /// The elements of the array in the statement's parameter (`$1`: each statement binds
+    /// its own list), as rows with one column `value` (each element is itself an array,
+    /// read with `value ->> i`).
+    fn elements(&self) -> &'static str {
         match self.dialect {
-            Dialect::Sqlite => format!("jsonb_each(${p})"),
-            Dialect::Postgres => format!("json_array_elements(${p}::json) AS elements(value)"),
+            Dialect::Sqlite => "jsonb_each($1)",
+            Dialect::Postgres => "json_array_elements($1::json) AS elements(value)",
         }
     }
 
@@ -71,12 +70,12 @@ impl SqlStore {
     }
 
     /// The pending executions (IN_PROGRESS first, then QUEUED, each by queue time), at most
-    /// `limit` per thing, of the things in `$p` (`[[thing], ...]`), as a JSON answer.
+    /// `limit` per thing, of the things in `$1` (`[[thing], ...]`), as a JSON answer.
     /// Each status is read in index order and cut at `limit` (no sort of a thing's whole
     /// list): SQLite through a correlated rowid list, PostgreSQL through LATERAL. The limit
     /// is in the text: a bound LIMIT makes SQLite plan the statement again each time.
-    fn pending_sql(&self, p: usize, limit: usize) -> String {
-        let things = format!("SELECT value ->> 0 AS thing FROM {}", self.elements(p));
+    fn pending_sql(&self, limit: usize) -> String {
+        let things = format!("SELECT value ->> 0 AS thing FROM {}", self.elements());
         let per_status = |status: &str| match self.dialect {
             Dialect::Sqlite => format!(
                 "SELECT {EXECUTION_COLUMNS} FROM ({things}) AS t JOIN job_executions AS e \
@@ -138,7 +137,7 @@ impl SqlStore {
     /// UPDATE itself says what it wrote. (A data-modifying WITH must be at the top level,
     /// hence no `json_answer`.)
     fn update_statement(&self, param: usize) -> Statement {
-        let u = self.elements(1);
+        let u = self.elements();
         Statement {
             sql: format!(
                 "WITH w AS (UPDATE job_executions AS e SET status = j.status, \
@@ -164,7 +163,7 @@ impl SqlStore {
     /// The statements of a run's StartNexts in parameter `param`: a thing's first QUEUED
     /// execution starts unless one is in progress; answers each thing's head.
     fn start_statements(&self, param: usize, statements: &mut Vec<Statement>) {
-        let s = self.elements(1);
+        let s = self.elements();
         // The status is checked on the row itself too: a row another transaction just
         // started is re-checked after its lock, the subqueries not.
         statements.push(Statement {
@@ -184,7 +183,7 @@ impl SqlStore {
             answers: false,
         });
         statements.push(Statement {
-            sql: self.pending_sql(1, 1),
+            sql: self.pending_sql(1),
             param,
             answers: true,
         });
@@ -194,7 +193,7 @@ impl SqlStore {
     /// whose executions are all terminal. The jobs are looked up from the list (not the
     /// list scanned for every job in progress).
     fn completion_statement(&self, param: usize) -> Statement {
-        let c = self.elements(1);
+        let c = self.elements();
         Statement {
             sql: format!(
                 "UPDATE jobs SET status = 'COMPLETED', \
@@ -215,6 +214,11 @@ impl SqlStore {
         &self,
         writes: &[DeviceWrite],
     ) -> StoreResult<Vec<DeviceWriteOutcome>> {
+        debug_assert_eq!(
+            self.dialect,
+            Dialect::Postgres,
+            "SQLite group-commits on its own connection (sqlite_devices.rs)"
+        );
         // Jobs that terminal updates may complete (the latest end time of each), and the
         // things whose pending list their update's outcome carries (the longest asked).
         let mut ends: BTreeMap<&str, i64> = BTreeMap::new();
@@ -287,7 +291,7 @@ impl SqlStore {
         }
         if listed > 0 {
             statements.push(Statement {
-                sql: self.pending_sql(1, listed),
+                sql: self.pending_sql(listed),
                 param: params.len(),
                 answers: true,
             });
@@ -360,7 +364,7 @@ impl SqlStore {
         thing: &str,
         limit: usize,
     ) -> StoreResult<Vec<JobExecution>> {
-        let row = sqlx::query(AssertSqlSafe(self.pending_sql(1, limit)))
+        let row = sqlx::query(AssertSqlSafe(self.pending_sql(limit)))
             .bind(json!([[thing]]).to_string())
             .fetch_one(&self.pool)
             .await?;

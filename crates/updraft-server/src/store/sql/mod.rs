@@ -1,9 +1,12 @@
 //! [`Store`] on SQL: SQLite by default, PostgreSQL for scale-out.
 //!
-//! The SQL is portable (`$n` parameters, TEXT/BIGINT columns); the backends differ only in
+//! The SQL is portable (`$n` parameters, TEXT/BIGINT columns); the backends differ in
 //! what [`Dialect`] names: connection setup, how a write transaction starts (SQLite takes
 //! the write lock up front with `BEGIN IMMEDIATE`, PostgreSQL locks rows with
-//! `FOR UPDATE`), the collation of key columns, and the migration lock.
+//! `FOR UPDATE`), the collation of key columns, and the migration lock — and in how
+//! devices' writes are group-committed: `sqlite_devices.rs` (SQLite, its own connection
+//! and thread) and `device_batch.rs` (PostgreSQL, set-based batches from the data plane's
+//! writer).
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
@@ -250,11 +253,11 @@ impl SqlStore {
                         })
                 };
                 // SQLite runs one writer at a time. Giving writes a connection of their own
-                // queues writers in the pool (in order, without SQLite's sleeping busy
-                // handler) and keeps that connection's page cache warm: a connection whose
-                // database another connection changed starts over from the OS's cache.
-                // Devices' writes have a connection of their own (`sqlite_devices`); SQLite
-                // serializes the two.
+                // queues control-plane writers in the pool (in order, without SQLite's
+                // sleeping busy handler) and keeps that connection's page cache warm: a
+                // connection whose database another connection changed starts over from
+                // the OS's cache. Devices' writes have a connection of their own
+                // (`sqlite_devices`); between the two, SQLite's busy handler decides.
                 // Copying the write-ahead log back into the database (a checkpoint, with its
                 // fsyncs) is mostly done off that path: see `checkpoints`.
                 let writer = options(1, WRITER_PRAGMAS).connect(&url).await?;

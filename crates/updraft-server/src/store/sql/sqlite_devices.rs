@@ -17,8 +17,10 @@
 //! needed). PostgreSQL's group commit is the data plane's writer (`dataplane/writer.rs`)
 //! with `device_batch.rs`.
 //!
-//! The other writes (control plane) keep going through sqlx's writer pool; SQLite
-//! serializes the two connections' write transactions (`busy_timeout`).
+//! Control-plane changes to one execution (CancelJobExecution, a CONTINUOUS job's member
+//! leaving: `Store::update_execution`) come this way too; the other writes go through
+//! sqlx's writer pool, and SQLite serializes the two connections' write transactions (the
+//! one that finds the database locked retries in SQLite's busy handler, for up to 10 s).
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -128,20 +130,64 @@ fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>) {
                     let _ = done.send(Ok(outcomes.by_ref().take(w.len()).collect()));
                 }
             }
-            Err(e) if batch.len() > 1 => {
-                // Apply them one caller at a time, so each gets its own outcome.
-                tracing::warn!(error = %e, size, "group commit failed; writing singly");
-                for (w, done) in batch {
-                    let writes: Vec<&DeviceWrite> = w.iter().collect();
-                    let _ = done.send(apply(&mut conn, &writes));
-                }
-            }
             Err(e) => {
-                if let Some((_, done)) = batch.pop() {
-                    let _ = done.send(Err(e));
+                settle(&conn);
+                match busy(&e) {
+                    // The database stayed locked for the whole busy timeout: writing singly
+                    // would wait that long again for each caller.
+                    Some((code, message)) => {
+                        tracing::warn!(error = %e, size, "device writes: the database is busy");
+                        for (_, done) in batch {
+                            let again = rusqlite::Error::SqliteFailure(code, message.clone());
+                            let _ = done.send(Err(again.into()));
+                        }
+                    }
+                    None if batch.len() > 1 => {
+                        // One caller's write may be what failed: each gets its own outcome.
+                        tracing::warn!(error = %e, size, "group commit failed; writing singly");
+                        for (w, done) in batch {
+                            let writes: Vec<&DeviceWrite> = w.iter().collect();
+                            let outcome = apply(&mut conn, &writes);
+                            if outcome.is_err() {
+                                settle(&conn);
+                            }
+                            let _ = done.send(outcome);
+                        }
+                    }
+                    None => {
+                        if let Some((_, done)) = batch.pop() {
+                            let _ = done.send(Err(e));
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// What makes up `e` (to give every caller a copy) if it is SQLite's "busy" or "locked".
+fn busy(e: &StoreError) -> Option<(rusqlite::ffi::Error, Option<String>)> {
+    match e {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, message))
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Some((*f, message.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// After a failed batch: its transaction must not outlive it. Dropping it rolled it back
+/// unless the rollback itself failed (then it is tried again here; a connection stuck in a
+/// transaction would hold SQLite's write lock and fail every later batch).
+fn settle(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %e, "device writes: a failed batch could not be rolled back");
     }
 }
 
@@ -210,9 +256,11 @@ fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
                         break;
                     }
                 }
-                if written && e.status.is_terminal() {
+                if e.status.is_terminal() {
                     let at = ends.entry(&e.job_id).or_insert(e.updated_ms);
                     *at = (*at).max(e.updated_ms);
+                }
+                if written && e.status.is_terminal() {
                     if *pending > 0 {
                         ended_things.insert(&e.thing_name);
                         listed = listed.max((*pending).min(ENDED_PENDING_LIMIT));
