@@ -41,6 +41,9 @@ pub struct DataPlane {
     heads: Mutex<HashMap<String, Option<(String, i64)>>>,
     /// Stream file contents, so a fleet downloading one file reads it once.
     files: Mutex<FileCache>,
+    /// Blob reads in progress: a fleet's first requests for a file not in memory yet all
+    /// wait for one read (not one each: a rollout's devices ask at once).
+    file_reads: Loading<Bytes>,
     /// Group commit of devices' writes (started with the workers).
     writer: OnceLock<writer::DeviceWriter>,
     /// Streams as recently read, and which blob holds each of their files: a fleet asking
@@ -72,6 +75,41 @@ impl<K, V> Default for Recent<K, V> {
         Recent {
             entries: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+/// Reads in progress, by key: concurrent [`Loading::run`] calls for one key share one
+/// read. A read that fails is not shared: the next caller waiting reads again.
+struct Loading<V> {
+    reads: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<V>>>>,
+}
+
+impl<V> Default for Loading<V> {
+    fn default() -> Self {
+        Loading {
+            reads: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<V: Clone> Loading<V> {
+    /// `read()`'s value, or the value of the `read` for `key` already in progress.
+    async fn run<E, F, Fut>(&self, key: &str, read: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, E>>,
+    {
+        let cell = match self.reads.lock() {
+            Ok(mut reads) => reads.entry(key.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let value = cell.get_or_try_init(read).await.cloned();
+        if let Ok(mut reads) = self.reads.lock()
+            && reads.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            reads.remove(key);
+        }
+        value
     }
 }
 
@@ -498,13 +536,18 @@ impl DataPlane {
         if let Some(b) = self.cached_blob(blob) {
             return Ok(b);
         }
-        let data = state.artifacts.read_all(blob, size).await?;
-        if size <= MAX_CACHED_FILE
-            && let Ok(mut c) = self.files.lock()
-        {
-            c.insert(blob.to_owned(), data.clone());
-        }
-        Ok(data)
+        self.file_reads
+            .run(blob, || async {
+                let data = state.artifacts.read_all(blob, size).await?;
+                // Kept before the read is over: a request arriving once it is finds it.
+                if size <= MAX_CACHED_FILE
+                    && let Ok(mut c) = self.files.lock()
+                {
+                    c.insert(blob.to_owned(), data.clone());
+                }
+                Ok(data)
+            })
+            .await
     }
 
     /// Announces a change in `thing`'s pending executions (`notify`, and `notify-next`
@@ -710,7 +753,55 @@ pub(crate) fn reply(bus: &dyn MessageBus, client: &str, topic: String, body: Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn concurrent_reads_of_one_key_share_one_read() {
+        let loading: Loading<Bytes> = Loading::default();
+        let reads = AtomicUsize::new(0);
+        let read = || async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, String>(Bytes::from_static(b"firmware"))
+        };
+        let all = futures::future::join_all((0..50).map(|_| loading.run("blob", read))).await;
+        assert!(all.iter().all(|r| r.as_deref() == Ok(&b"firmware"[..])));
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "one read for fifty callers"
+        );
+        // Once over, a read is not kept: the next call reads again.
+        assert!(loading.run("blob", read).await.is_ok());
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        // Another key is another read.
+        assert!(loading.run("other", read).await.is_ok());
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_is_not_shared() {
+        let loading: Loading<Bytes> = Loading::default();
+        let reads = AtomicUsize::new(0);
+        let read = || async {
+            let n = reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if n == 0 {
+                Err("disk error".to_owned())
+            } else {
+                Ok(Bytes::from_static(b"ok"))
+            }
+        };
+        let (first, second) = tokio::join!(loading.run("b", read), loading.run("b", read));
+        assert_eq!(first, Err("disk error".to_owned()));
+        assert_eq!(
+            second.as_deref(),
+            Ok(&b"ok"[..]),
+            "the waiting caller read again"
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn a_flooding_device_is_throttled_alone() {
