@@ -44,7 +44,8 @@ pub struct DataPlane {
     /// Blob reads in progress: a fleet's first requests for a file not in memory yet all
     /// wait for one read (not one each: a rollout's devices ask at once).
     file_reads: Loading<Bytes>,
-    /// Group commit of devices' writes (started with the workers).
+    /// Group commit of devices' writes (started with the workers), for a store that does
+    /// not group-commit them itself (`JobStore::group_commits`).
     writer: OnceLock<writer::DeviceWriter>,
     /// Streams as recently read, and which blob holds each of their files: a fleet asking
     /// for blocks of one stream costs the database one read per [`METADATA_TTL`].

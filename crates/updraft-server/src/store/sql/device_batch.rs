@@ -219,26 +219,11 @@ impl SqlStore {
             Dialect::Postgres,
             "SQLite group-commits on its own connection (sqlite_devices.rs)"
         );
-        // Jobs that terminal updates may complete (the latest end time of each), and the
-        // things whose pending list their update's outcome carries (the longest asked).
-        let mut ends: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut ended_things: BTreeSet<&str> = BTreeSet::new();
-        let mut listed = 0;
-        for w in writes {
-            if let DeviceWrite::Update {
-                execution: e,
-                pending,
-            } = w
-                && e.status.is_terminal()
-            {
-                let at = ends.entry(&e.job_id).or_insert(e.updated_ms);
-                *at = (*at).max(e.updated_ms);
-                if *pending > 0 {
-                    ended_things.insert(&e.thing_name);
-                    listed = listed.max((*pending).min(ENDED_PENDING_LIMIT));
-                }
-            }
-        }
+        let Ends {
+            jobs: ends,
+            things: ended_things,
+            listed,
+        } = Ends::of(writes);
         // What each run answers: (updates?, starts?). The ends are settled after the runs.
         let runs = segments(writes);
         let mut shapes = Vec::with_capacity(runs.len());
@@ -371,6 +356,41 @@ impl SqlStore {
         Ok(pending_lists(&row.try_get::<String, _>(0)?, limit)?
             .remove(thing)
             .unwrap_or_default())
+    }
+}
+
+/// What a batch settles once its writes are applied: the jobs its terminal updates may
+/// complete (the latest end time of each), and the things whose pending list an ended
+/// execution's outcome carries, read as long as the longest asked (`listed`).
+pub(super) struct Ends<'a> {
+    pub jobs: BTreeMap<&'a str, i64>,
+    pub things: BTreeSet<&'a str>,
+    pub listed: usize,
+}
+
+impl<'a> Ends<'a> {
+    pub(super) fn of(writes: impl IntoIterator<Item = &'a DeviceWrite>) -> Self {
+        let mut ends = Ends {
+            jobs: BTreeMap::new(),
+            things: BTreeSet::new(),
+            listed: 0,
+        };
+        for w in writes {
+            if let DeviceWrite::Update {
+                execution: e,
+                pending,
+            } = w
+                && e.status.is_terminal()
+            {
+                let at = ends.jobs.entry(&e.job_id).or_insert(e.updated_ms);
+                *at = (*at).max(e.updated_ms);
+                if *pending > 0 {
+                    ends.things.insert(&e.thing_name);
+                    ends.listed = ends.listed.max((*pending).min(ENDED_PENDING_LIMIT));
+                }
+            }
+        }
+        ends
     }
 }
 

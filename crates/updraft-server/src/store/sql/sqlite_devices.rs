@@ -23,17 +23,16 @@
 //! one that finds the database locked retries in SQLite's busy handler, for up to 10 s).
 
 use rusqlite::{Connection, TransactionBehavior, params};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
-use super::device_batch::carry_pending_lists;
+use super::device_batch::{Ends, carry_pending_lists};
 use super::{EXECUTION_COLUMNS, ExecutionColumns, WRITER_PRAGMAS, execution_from, flag, to_json};
 use crate::store::{
-    DeviceWrite, DeviceWriteOutcome, ENDED_PENDING_LIMIT, ExecutionStatus, JobExecution,
-    StoreError, StoreResult,
+    DeviceWrite, DeviceWriteOutcome, ExecutionStatus, JobExecution, StoreError, StoreResult,
 };
 
 /// The most writes committed together.
@@ -218,17 +217,9 @@ const COMPLETE: &str = "UPDATE jobs SET status = 'COMPLETED', completed_ms = ?2,
 fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(writes.len());
-    // Jobs that terminal updates may complete (the latest end time of each), and the
-    // things whose pending list an outcome carries (the longest asked).
-    let mut ends: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut ended_things: BTreeSet<&str> = BTreeSet::new();
-    let mut listed = 0;
     for &w in writes {
         outcomes.push(match w {
-            DeviceWrite::Update {
-                execution: e,
-                pending,
-            } => {
+            DeviceWrite::Update { execution: e, .. } => {
                 let details = to_json(&e.status_details)?;
                 let values = params![
                     e.job_id,
@@ -256,15 +247,7 @@ fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
                         break;
                     }
                 }
-                if e.status.is_terminal() {
-                    let at = ends.entry(&e.job_id).or_insert(e.updated_ms);
-                    *at = (*at).max(e.updated_ms);
-                }
                 if written && e.status.is_terminal() {
-                    if *pending > 0 {
-                        ended_things.insert(&e.thing_name);
-                        listed = listed.max((*pending).min(ENDED_PENDING_LIMIT));
-                    }
                     // The list is filled in below, once every write is applied.
                     DeviceWriteOutcome::Ended(Vec::new())
                 } else {
@@ -283,12 +266,13 @@ fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
             }
         });
     }
-    for (job, at) in &ends {
+    let ends = Ends::of(writes.iter().copied());
+    for (job, at) in &ends.jobs {
         tx.prepare_cached(COMPLETE)?.execute(params![job, at])?;
     }
     let mut lists = HashMap::new();
-    for thing in ended_things {
-        lists.insert(thing.to_owned(), pending(&tx, thing, listed)?);
+    for thing in ends.things {
+        lists.insert(thing.to_owned(), pending(&tx, thing, ends.listed)?);
     }
     carry_pending_lists(&mut outcomes, writes.iter().copied(), &lists);
     tx.commit()?;
