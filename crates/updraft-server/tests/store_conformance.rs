@@ -1836,3 +1836,54 @@ async fn a_failed_device_batch_writes_nothing_and_the_store_goes_on() {
         Some(JobStatus::Completed)
     );
 }
+
+#[tokio::test]
+async fn sqlite_urls_the_device_connection_cannot_share_are_refused() {
+    // Devices' writes have a SQLite connection of their own (outside sqlx): it must open
+    // the very database the pools use, or refuse to start.
+    for url in ["sqlite::memory:", "sqlite://ignored.db?mode=memory"] {
+        let refused = SqlStore::connect(url).await.err().map(|e| e.to_string());
+        assert!(
+            refused.as_deref().is_some_and(|m| m.contains("in-memory")),
+            "{url}: {refused:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_url_naming_a_vfs_carries_devices_writes() {
+    // The URL's VFS is used by every connection, the device-write one included (see
+    // `sqlite_file`'s unit test): an unknown one fails the start, a real one (dot-file
+    // locking) carries devices' writes.
+    let dir = tempdir::Guard::new();
+    let url = format!("sqlite://{}/v.db?vfs=no-such-vfs", dir.path.display());
+    assert!(SqlStore::connect(&url).await.is_err());
+    let url = format!(
+        "sqlite://{}/v.db?mode=rwc&vfs=unix-dotfile",
+        dir.path.display()
+    );
+    let s = SqlStore::connect(&url).await.expect("store");
+    s.create_job(
+        &job("v", TargetSelection::Snapshot, &[]),
+        &[execution("v", "x")],
+    )
+    .await
+    .expect("create");
+    let start = [DeviceWrite::StartNext {
+        thing: "x".into(),
+        status_details: None,
+        now_ms: 5_000,
+    }];
+    let out = s.device_writes(&start).await.expect("start-next");
+    assert!(
+        matches!(&out[..], [DeviceWriteOutcome::Started(Some(e))] if e.job_id == "v"),
+        "{out:?}"
+    );
+    let e = s
+        .get_execution("v", "x", None)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(e.status, ExecutionStatus::InProgress);
+    s.close().await;
+}

@@ -105,6 +105,32 @@ async fn checkpoints(pool: AnyPool) {
     }
 }
 
+/// The database file a `sqlite://` URL names, and the VFS it asks for (`?vfs=`): what the
+/// device-write connection (`sqlite_devices.rs`, outside sqlx) must open to share the
+/// database with the pools. An in-memory database (`sqlite::memory:`, `mode=memory`) is
+/// refused: the device-write connection could not share it.
+fn sqlite_file(url: &str) -> StoreResult<(std::path::PathBuf, Option<String>)> {
+    let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let (mut vfs, mut in_memory) = (None, false);
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match (&*key, &*value) {
+            ("mode", "memory") => in_memory = true,
+            ("vfs", name) => vfs = Some(name.to_owned()),
+            _ => {}
+        }
+    }
+    let path = options.get_filename().to_path_buf();
+    // sqlx names its in-memory databases `file:sqlx-in-memory-N`.
+    if in_memory || path.to_string_lossy().starts_with("file:sqlx-in-memory") {
+        return Err(StoreError::Invalid(format!(
+            "unsupported database URL '{url}': an in-memory SQLite database cannot be shared \
+             by the server's connections; use sqlite://PATH"
+        )));
+    }
+    Ok((path, vfs))
+}
+
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -283,10 +309,15 @@ impl SqlStore {
         };
         store.migrate().await?;
         if dialect == Dialect::Sqlite {
-            let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
-            store.devices = Some(Arc::new(sqlite_devices::DeviceDb::open(
-                options.get_filename(),
-            )?));
+            let (path, vfs) = sqlite_file(url)?;
+            // Opening waits for the database while another process holds it locked (up to
+            // the busy timeout): off the async runtime.
+            let db = tokio::task::spawn_blocking(move || {
+                sqlite_devices::DeviceDb::open(&path, vfs.as_deref())
+            })
+            .await
+            .map_err(|e| StoreError::Invalid(format!("cannot open the device writer: {e}")))??;
+            store.devices = Some(Arc::new(db));
         }
         Ok(store)
     }
@@ -394,6 +425,25 @@ impl SqlStore {
         match self.dialect {
             Dialect::Sqlite => AssertSqlSafe(sql.to_owned()),
             Dialect::Postgres => AssertSqlSafe(format!("{sql} FOR UPDATE")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_connection_opens_what_the_url_names() {
+        let (path, vfs) = sqlite_file("sqlite:///var/lib/updraft/db.sqlite?mode=rwc&vfs=unix-excl")
+            .unwrap_or_default();
+        assert_eq!(path, std::path::PathBuf::from("/var/lib/updraft/db.sqlite"));
+        assert_eq!(vfs.as_deref(), Some("unix-excl"));
+        let (path, vfs) = sqlite_file("sqlite://data/a%20b.db").unwrap_or_default();
+        assert_eq!(path, std::path::PathBuf::from("data/a b.db"));
+        assert_eq!(vfs, None);
+        for url in ["sqlite::memory:", "sqlite://x.db?mode=memory"] {
+            assert!(sqlite_file(url).is_err(), "{url}");
         }
     }
 }

@@ -54,9 +54,16 @@ fn gone() -> StoreError {
 }
 
 impl DeviceDb {
-    /// Opens the database file at `path` (its schema already migrated) on a new thread.
-    pub(super) fn open(path: &Path) -> StoreResult<Self> {
-        let conn = Connection::open(path)?;
+    /// Opens the database file at `path` (its schema already migrated), through the SQLite
+    /// VFS named `vfs` when there is one (the database URL's `?vfs=`, which the pools use
+    /// too), on a new thread.
+    pub(super) fn open(path: &Path, vfs: Option<&str>) -> StoreResult<Self> {
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = match vfs {
+            Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+            None => Connection::open_with_flags(path, flags)?,
+        };
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // The writer pool's settings (WAL, commits not synced: the log is, at checkpoints;
         // see `WRITER_PRAGMAS`).
