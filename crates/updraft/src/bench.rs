@@ -264,7 +264,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     // The Jobs API: each device works through its jobs, one request at a time; the first
     // job is the warm-up.
     work_jobs(port, &things, 1).await?;
-    let (jobs_elapsed, answers) = work_jobs(port, &things, a.rounds).await?;
+    let (jobs_timing, answers) = work_jobs(port, &things, a.rounds).await?;
     for r in 0..=a.rounds {
         let counts = state
             .store
@@ -283,28 +283,99 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     let reflected = reflection(port, &things, a.rounds * 3).await?;
     let echoed = request_response(&things, a.rounds, started, updated).await?;
     let requests = (a.devices * a.rounds * 3) as f64;
-    let rate = |d: Duration| requests / d.as_secs_f64();
+    let rate = |t: Timing| requests / t.secs();
     println!(
-        "  broker reflection : {:>10.0} round-trips/s ({:.2} s; no responder)",
+        "  broker reflection : {:>10.0} round-trips/s ({:.2} s; no responder{})",
         rate(reflected),
-        reflected.as_secs_f64()
+        reflected.secs(),
+        reflected.cpu_note(requests, "round-trip")
     );
     println!(
-        "  request/response  : {:>10.0} round-trips/s ({:.2} s; in-process echo)",
+        "  request/response  : {:>10.0} round-trips/s ({:.2} s; in-process echo{})",
         rate(echoed),
-        echoed.as_secs_f64()
+        echoed.secs(),
+        echoed.cpu_note(requests, "round-trip")
     );
     println!(
-        "  jobs API          : {:>10.0} updates/s     ({:.2} s)",
-        rate(jobs_elapsed),
-        jobs_elapsed.as_secs_f64()
+        "  jobs API          : {:>10.0} updates/s     ({:.2} s{})",
+        rate(jobs_timing),
+        jobs_timing.secs(),
+        jobs_timing.cpu_note(requests, "update")
     );
     println!(
         "  ratio             : {:>10.2} (of request/response; {:.2} of reflection)",
-        rate(jobs_elapsed) / rate(echoed),
-        rate(jobs_elapsed) / rate(reflected)
+        rate(jobs_timing) / rate(echoed),
+        rate(jobs_timing) / rate(reflected)
     );
     Ok(())
+}
+
+/// How long a phase took, and the CPU time the whole process (server and benchmark
+/// devices alike) spent meanwhile, when Linux tells (`/proc/self/task/*/schedstat`).
+#[derive(Clone, Copy)]
+struct Timing {
+    wall: Duration,
+    cpu: Option<Cpu>,
+}
+
+/// CPU time of the process's threads, and of its database threads (SQLite's connection
+/// threads: `updraft-sqlite-devices`, sqlx's workers).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    all: Duration,
+    database: Duration,
+}
+
+impl Cpu {
+    /// The process's live threads, so far.
+    fn now() -> Option<Cpu> {
+        let mut cpu = Cpu::default();
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let path = task.ok()?.path();
+            let stat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+            let used = Duration::from_nanos(stat.split_whitespace().next()?.parse().ok()?);
+            cpu.all += used;
+            let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if name.starts_with("updraft-sqlite") || name.starts_with("sqlx-sqlite") {
+                cpu.database += used;
+            }
+        }
+        Some(cpu)
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            all: self.all.saturating_sub(before.all),
+            database: self.database.saturating_sub(before.database),
+        }
+    }
+}
+
+impl Timing {
+    fn secs(&self) -> f64 {
+        self.wall.as_secs_f64()
+    }
+
+    /// `; X µs CPU per <what> (Y in database threads), Z cores busy` for `count`
+    /// operations, or nothing.
+    fn cpu_note(&self, count: f64, what: &str) -> String {
+        let micros = |d: Duration| d.as_secs_f64() * 1e6 / count;
+        match self.cpu {
+            Some(cpu) if count > 0.0 && !self.wall.is_zero() => {
+                let database = if cpu.database.is_zero() {
+                    String::new()
+                } else {
+                    format!(" ({:.1} in database threads)", micros(cpu.database))
+                };
+                format!(
+                    "; {:.1} µs CPU per {what}{database}, {:.2} cores busy",
+                    micros(cpu.all),
+                    cpu.all.as_secs_f64() / self.secs()
+                )
+            }
+            _ => String::new(),
+        }
+    }
 }
 
 /// Runs `work` for each of `things` at once, each device on its own connection to
@@ -314,7 +385,7 @@ async fn on_every_device<F, Fut, T>(
     things: &[String],
     subscribe: impl Fn(&str) -> Vec<String>,
     work: F,
-) -> anyhow::Result<(Duration, Vec<T>)>
+) -> anyhow::Result<(Timing, Vec<T>)>
 where
     F: Fn(String, Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
@@ -324,6 +395,7 @@ where
     for t in things {
         clients.push(connect(port, t, &subscribe(t)).await?);
     }
+    let cpu_before = Cpu::now();
     let start = Instant::now();
     let tasks: Vec<_> = things
         .iter()
@@ -335,7 +407,11 @@ where
     for t in tasks {
         results.push(t.await??);
     }
-    Ok((start.elapsed(), results))
+    let wall = start.elapsed();
+    let cpu = Cpu::now()
+        .zip(cpu_before)
+        .map(|(after, before)| after.since(before));
+    Ok((Timing { wall, cpu }, results))
 }
 
 /// Every device works through `rounds` jobs (start-next, IN_PROGRESS, SUCCEEDED), one
@@ -344,7 +420,7 @@ async fn work_jobs(
     port: u16,
     things: &[String],
     rounds: usize,
-) -> anyhow::Result<(Duration, Vec<(Bytes, Bytes)>)> {
+) -> anyhow::Result<(Timing, Vec<(Bytes, Bytes)>)> {
     on_every_device(
         port,
         things,
@@ -383,7 +459,7 @@ async fn work_jobs(
 
 /// Broker reflection: each device publishes on a topic it subscribes to and waits for its
 /// own message, `count` times — one broker hop each way, no responder.
-async fn reflection(port: u16, things: &[String], count: usize) -> anyhow::Result<Duration> {
+async fn reflection(port: u16, things: &[String], count: usize) -> anyhow::Result<Timing> {
     let echo = |t: &str| format!("$aws/things/{t}/echo");
     let (elapsed, _) = on_every_device(
         port,
@@ -414,7 +490,7 @@ async fn request_response(
     rounds: usize,
     started: Bytes,
     updated: Bytes,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Timing> {
     use updraft_server::mqtt::MessageBus;
     use updraft_server::mqtt::broker::{Authorizer, Broker, BrokerConfig};
     let (inbound_tx, mut inbound) = mpsc::channel::<updraft_server::mqtt::Inbound>(8192);
@@ -614,15 +690,17 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     )
     .await?;
     let mb = (a.devices * a.size) as f64 / 1e6;
-    let echo_rate = mb / echo.as_secs_f64();
-    let stream_rate = mb / streamed.as_secs_f64();
+    let echo_rate = mb / echo.secs();
+    let stream_rate = mb / streamed.secs();
     println!(
-        "  raw broker echo : {echo_rate:>8.1} MB/s ({:.2} s)",
-        echo.as_secs_f64()
+        "  raw broker echo : {echo_rate:>8.1} MB/s ({:.2} s{})",
+        echo.secs(),
+        echo.cpu_note(mb, "MB")
     );
     println!(
-        "  stream (CBOR)   : {stream_rate:>8.1} MB/s ({:.2} s)",
-        streamed.as_secs_f64()
+        "  stream (CBOR)   : {stream_rate:>8.1} MB/s ({:.2} s{})",
+        streamed.secs(),
+        streamed.cpu_note(mb, "MB")
     );
     println!("  ratio           : {:>8.2}", stream_rate / echo_rate);
     Ok(())
