@@ -25,8 +25,9 @@
 use rusqlite::{Connection, TransactionBehavior, params};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::device_batch::{Ends, carry_pending_lists};
@@ -57,7 +58,12 @@ impl DeviceDb {
     /// Opens the database file at `path` (its schema already migrated), through the SQLite
     /// VFS named `vfs` when there is one (the database URL's `?vfs=`, which the pools use
     /// too), on a new thread.
-    pub(super) fn open(path: &Path, vfs: Option<&str>) -> StoreResult<Self> {
+    /// Every commit is counted in `commits`.
+    pub(super) fn open(
+        path: &Path,
+        vfs: Option<&str>,
+        commits: Arc<AtomicU64>,
+    ) -> StoreResult<Self> {
         let flags =
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = match vfs {
@@ -76,7 +82,7 @@ impl DeviceDb {
         std::thread::Builder::new()
             .name("updraft-sqlite-devices".into())
             .spawn(move || {
-                serve(conn, &rx);
+                serve(conn, &rx, &commits);
                 drop(closed_tx);
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the device writer: {e}")))?;
@@ -115,7 +121,7 @@ impl DeviceDb {
 }
 
 /// The connection's thread: a batch of every request waiting, until the store closes.
-fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>) {
+fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>, commits: &AtomicU64) {
     while let Ok(first) = requests.recv() {
         let mut size = first.0.len();
         let mut batch = vec![first];
@@ -131,6 +137,7 @@ fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>) {
         let writes: Vec<&DeviceWrite> = batch.iter().flat_map(|(w, _)| w).collect();
         match apply(&mut conn, &writes) {
             Ok(outcomes) => {
+                commits.fetch_add(1, Ordering::Relaxed);
                 let mut outcomes = outcomes.into_iter();
                 for (w, done) in batch {
                     let _ = done.send(Ok(outcomes.by_ref().take(w.len()).collect()));
@@ -154,7 +161,9 @@ fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>) {
                         for (w, done) in batch {
                             let writes: Vec<&DeviceWrite> = w.iter().collect();
                             let outcome = apply(&mut conn, &writes);
-                            if outcome.is_err() {
+                            if outcome.is_ok() {
+                                commits.fetch_add(1, Ordering::Relaxed);
+                            } else {
                                 settle(&conn);
                             }
                             let _ = done.send(outcome);
