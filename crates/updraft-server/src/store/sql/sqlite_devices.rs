@@ -57,8 +57,8 @@ fn gone() -> StoreError {
 impl DeviceDb {
     /// Opens the database file at `path` (its schema already migrated), through the SQLite
     /// VFS named `vfs` when there is one (the database URL's `?vfs=`, which the pools use
-    /// too), on a new thread.
-    /// Every commit is counted in `commits`.
+    /// too), on a new thread, which counts each transaction it commits in `commits` (the
+    /// background checkpoints follow it).
     pub(super) fn open(
         path: &Path,
         vfs: Option<&str>,
