@@ -59,8 +59,6 @@ pub struct DataPlane {
     /// database one read per [`METADATA_TTL`].
     /// Each with the time (ms) it was read.
     jobs: Recent<String, (i64, Arc<Job>)>,
-    /// Job reads in progress: a fleet's devices starting a job at once read it once.
-    job_reads: Loading<Option<(i64, Arc<Job>)>>,
     /// Each device's executions as this server last wrote or read them, by (thing, job).
     /// Only a starting point for UpdateJobExecution's read-modify-write: the write checks
     /// the stored version, so a stale entry costs a retry from the store, never a wrong
@@ -340,39 +338,20 @@ impl DataPlane {
         state: &AppState,
         execution: &JobExecution,
     ) -> crate::store::StoreResult<Option<Arc<Job>>> {
-        let fits = |(read_ms, j): &(i64, Arc<Job>)| {
-            j.created_ms == execution.queued_ms
-                || *read_ms > execution.queued_ms.saturating_add(CLOCK_SKEW_MS)
-        };
-        if let Some(found) = self.jobs.get(&execution.job_id)
-            && fits(&found)
+        if let Some((read_ms, j)) = self.jobs.get(&execution.job_id)
+            && (j.created_ms == execution.queued_ms
+                || read_ms > execution.queued_ms.saturating_add(CLOCK_SKEW_MS))
         {
-            return Ok(Some(found.1));
+            return Ok(Some(j));
         }
-        // A fleet's devices starting a job at once share one read. A read this caller did
-        // not start itself is used only on the cache's terms above: it may have begun before
-        // this execution was queued, for a job since deleted and created again.
-        let own = std::sync::atomic::AtomicBool::new(false);
-        let read = || async {
-            own.store(true, std::sync::atomic::Ordering::Relaxed);
-            let read_ms = crate::clock::now_ms();
-            let found = state
-                .store
-                .get_job(&execution.job_id)
-                .await?
-                .map(|j| (read_ms, Arc::new(j)));
-            if let Some(found) = &found {
-                self.jobs.put(execution.job_id.clone(), found.clone());
-            }
-            Ok::<_, crate::store::StoreError>(found)
+        let read_ms = crate::clock::now_ms();
+        let Some(j) = state.store.get_job(&execution.job_id).await? else {
+            return Ok(None);
         };
-        let shared = self.job_reads.run(&execution.job_id, read).await?;
-        let own = own.load(std::sync::atomic::Ordering::Relaxed);
-        match shared {
-            Some(found) if own || fits(&found) => Ok(Some(found.1)),
-            None if own => Ok(None),
-            _ => Ok(state.store.get_job(&execution.job_id).await?.map(Arc::new)),
-        }
+        let j = Arc::new(j);
+        self.jobs
+            .put(execution.job_id.clone(), (read_ms, j.clone()));
+        Ok(Some(j))
     }
 
     /// An object version (the latest when `version` is `None`), from memory if it was read
