@@ -326,28 +326,44 @@ struct Cpu {
     database: Duration,
 }
 
-impl Cpu {
-    /// The process's live threads, so far.
-    fn now() -> Option<Cpu> {
-        let mut cpu = Cpu::default();
-        for task in std::fs::read_dir("/proc/self/task").ok()? {
-            let path = task.ok()?.path();
-            let stat = std::fs::read_to_string(path.join("schedstat")).ok()?;
-            let used = Duration::from_nanos(stat.split_whitespace().next()?.parse().ok()?);
-            cpu.all += used;
+/// Each live thread's CPU time so far, by thread id, and whether it is a database thread.
+/// A thread that ends between the directory listing and its reading is left out.
+struct Threads(std::collections::HashMap<u64, (Duration, bool)>);
+
+impl Threads {
+    fn now() -> Option<Threads> {
+        let mut threads = std::collections::HashMap::new();
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let Some(id) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let path = task.path();
+            let Some(used) = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            else {
+                continue;
+            };
             let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            if name.starts_with("updraft-sqlite") || name.starts_with("sqlx-sqlite") {
-                cpu.database += used;
-            }
+            let database = name.starts_with("updraft-sqlite") || name.starts_with("sqlx-sqlite");
+            threads.insert(id, (Duration::from_nanos(used), database));
         }
-        Some(cpu)
+        Some(Threads(threads))
     }
 
-    fn since(self, before: Cpu) -> Cpu {
-        Cpu {
-            all: self.all.saturating_sub(before.all),
-            database: self.database.saturating_sub(before.database),
+    /// The CPU time spent since `before` by the threads alive now (a thread that ended
+    /// meanwhile is not counted: in these benchmarks, only idle ones do).
+    fn since(&self, before: &Threads) -> Cpu {
+        let mut cpu = Cpu::default();
+        for (id, (used, database)) in &self.0 {
+            let earlier = before.0.get(id).map_or(Duration::ZERO, |(u, _)| *u);
+            let spent = used.saturating_sub(earlier);
+            cpu.all += spent;
+            if *database {
+                cpu.database += spent;
+            }
         }
+        cpu
     }
 }
 
@@ -395,7 +411,7 @@ where
     for t in things {
         clients.push(connect(port, t, &subscribe(t)).await?);
     }
-    let cpu_before = Cpu::now();
+    let threads_before = Threads::now();
     let start = Instant::now();
     let tasks: Vec<_> = things
         .iter()
@@ -408,9 +424,9 @@ where
         results.push(t.await??);
     }
     let wall = start.elapsed();
-    let cpu = Cpu::now()
-        .zip(cpu_before)
-        .map(|(after, before)| after.since(before));
+    let cpu = Threads::now()
+        .zip(threads_before)
+        .map(|(after, before)| after.since(&before));
     Ok((Timing { wall, cpu }, results))
 }
 

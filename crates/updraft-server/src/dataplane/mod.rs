@@ -80,15 +80,40 @@ impl<K, V> Default for Recent<K, V> {
 }
 
 /// Reads in progress, by key: concurrent [`Loading::run`] calls for one key share one
-/// read. A read that fails is not shared: the next caller waiting reads again.
+/// read. A read that fails (or is abandoned) is not shared: each caller that waited on it
+/// then reads on its own, all at once (not one after another, each waiting out the
+/// store's timeout in turn).
 struct Loading<V> {
-    reads: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<V>>>>,
+    reads: Mutex<HashMap<String, Reading<V>>>,
 }
+
+/// A read in progress: `None` until it ends, then its value, or `None` if it failed.
+type Reading<V> = tokio::sync::watch::Receiver<Option<Option<V>>>;
 
 impl<V> Default for Loading<V> {
     fn default() -> Self {
         Loading {
             reads: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The caller doing a key's read: takes the key out of [`Loading`] when done or dropped,
+/// so that a read abandoned midway is not waited on by later callers.
+struct Leading<'a, V> {
+    loading: &'a Loading<V>,
+    key: &'a str,
+    reading: Reading<V>,
+}
+
+impl<V> Drop for Leading<'_, V> {
+    fn drop(&mut self) {
+        if let Ok(mut reads) = self.loading.reads.lock()
+            && reads
+                .get(self.key)
+                .is_some_and(|r| r.same_channel(&self.reading))
+        {
+            reads.remove(self.key);
         }
     }
 }
@@ -100,17 +125,37 @@ impl<V: Clone> Loading<V> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<V, E>>,
     {
-        let cell = match self.reads.lock() {
-            Ok(mut reads) => reads.entry(key.to_owned()).or_default().clone(),
-            Err(_) => Arc::default(),
+        let (lead, mut waiting) = match self.reads.lock() {
+            Ok(mut reads) => match reads.get(key) {
+                Some(reading) => (None, Some(reading.clone())),
+                None => {
+                    let (done, reading) = tokio::sync::watch::channel(None);
+                    reads.insert(key.to_owned(), reading.clone());
+                    let leading = Leading {
+                        loading: self,
+                        key,
+                        reading,
+                    };
+                    (Some((done, leading)), None)
+                }
+            },
+            Err(_) => (None, None),
         };
-        let value = cell.get_or_try_init(read).await.cloned();
-        if let Ok(mut reads) = self.reads.lock()
-            && reads.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell))
-        {
-            reads.remove(key);
+        if let Some(reading) = waiting.as_mut() {
+            if let Ok(ended) = reading.wait_for(Option::is_some).await
+                && let Some(Some(value)) = &*ended
+            {
+                return Ok(value.clone());
+            }
+            // The read failed or was abandoned: this caller reads on its own.
+            return read().await;
         }
-        value
+        let result = read().await;
+        if let Some((done, leading)) = lead {
+            drop(leading);
+            let _ = done.send(Some(result.as_ref().ok().cloned()));
+        }
+        result
     }
 }
 
@@ -802,6 +847,67 @@ mod tests {
             "the waiting caller read again"
         );
         assert_eq!(reads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_read_the_waiting_callers_read_at_once() {
+        // Not one after another: with a store that fails slowly, the k-th caller would wait
+        // k times its timeout.
+        let loading: Loading<Bytes> = Loading::default();
+        let (reads, in_flight, most) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let read = || async {
+            let n = reads.fetch_add(1, Ordering::SeqCst);
+            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            if n == 0 {
+                Err("store unavailable".to_owned())
+            } else {
+                Ok(Bytes::from_static(b"ok"))
+            }
+        };
+        let all = futures::future::join_all((0..10).map(|_| loading.run("k", read))).await;
+        assert_eq!(
+            all.iter().filter(|r| r.is_err()).count(),
+            1,
+            "only the failed read's own caller"
+        );
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            10,
+            "each waiting caller read on its own"
+        );
+        assert_eq!(most.load(Ordering::SeqCst), 9, "the nine read all at once");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_read_is_not_waited_on() {
+        let loading: Loading<Bytes> = Loading::default();
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, String>(Bytes::from_static(b"never"))
+        };
+        let fast = || async { Ok::<_, String>(Bytes::from_static(b"fast")) };
+        // The leader is dropped midway (its device went away) while another caller waits.
+        let abandoned = tokio::time::timeout(Duration::from_millis(10), loading.run("k", slow));
+        let (gone, waited) = tokio::join!(abandoned, async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            loading.run("k", fast).await
+        });
+        assert!(gone.is_err(), "the leader timed out");
+        assert_eq!(
+            waited.as_deref(),
+            Ok(&b"fast"[..]),
+            "the waiter read on its own"
+        );
+        // Nothing is left behind for later callers to wait on.
+        assert!(loading.reads.lock().is_ok_and(|r| r.is_empty()));
+        assert_eq!(loading.run("k", fast).await.as_deref(), Ok(&b"fast"[..]));
     }
 
     #[test]

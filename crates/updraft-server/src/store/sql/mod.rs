@@ -81,13 +81,14 @@ impl Drop for AbortOnDrop {
 const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint=8192; PRAGMA cache_size=-65536;";
 
 /// How often a SQLite database's write-ahead log is copied back into it in the background
-/// while devices' writes go on, and at least how often when they do not (control-plane
-/// writes).
+/// while the device-write connection commits.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
-const CHECKPOINT_IDLE_EVERY: Duration = Duration::from_millis(250);
+/// How many [`CHECKPOINT_EVERY`] periods apart the background checkpoints are while it does
+/// not (the control plane's writes): 250 ms.
+const CHECKPOINT_IDLE_PERIODS: u32 = 5;
 
 /// Checkpoints `pool`'s SQLite database: every [`CHECKPOINT_EVERY`] while the device-write
-/// connection commits (`commits` moves), every [`CHECKPOINT_IDLE_EVERY`] otherwise. A
+/// connection commits (`commits` moves), every [`CHECKPOINT_IDLE_PERIODS`] periods otherwise. A
 /// PASSIVE checkpoint never takes the write lock: the log is copied back and synced while
 /// the writer goes on committing, instead of inside the commit that filled it (a stall of
 /// every device write waiting on that batch). Only a checkpoint the writer runs between its
@@ -101,17 +102,18 @@ const CHECKPOINT_IDLE_EVERY: Duration = Duration::from_millis(250);
 async fn checkpoints(pool: AnyPool, commits: Arc<AtomicU64>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut seen, mut last) = (commits.load(Ordering::Relaxed), tokio::time::Instant::now());
+    let (mut seen, mut idle) = (commits.load(Ordering::Relaxed), 0);
     loop {
         tick.tick().await;
         if pool.is_closed() {
             return;
         }
         let now = commits.load(Ordering::Relaxed);
-        if now == seen && last.elapsed() < CHECKPOINT_IDLE_EVERY {
+        idle += 1;
+        if now == seen && idle < CHECKPOINT_IDLE_PERIODS {
             continue;
         }
-        (seen, last) = (now, tokio::time::Instant::now());
+        (seen, idle) = (now, 0);
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_all(&pool)
             .await
@@ -123,26 +125,35 @@ async fn checkpoints(pool: AnyPool, commits: Arc<AtomicU64>) {
 
 /// The database file a `sqlite://` URL names, and the VFS it asks for (`?vfs=`): what the
 /// device-write connection (`sqlite_devices.rs`, outside sqlx) must open to share the
-/// database with the pools. An in-memory database (`sqlite::memory:`, `mode=memory`) is
-/// refused: the device-write connection could not share it.
+/// database with the pools. Refused: in-memory and temporary databases (`sqlite::memory:`,
+/// `mode=memory`, `file::memory:`, no file name), which that connection could not share,
+/// and read-only ones (`mode=ro`, `immutable`): the server writes to its database.
 fn sqlite_file(url: &str) -> StoreResult<(std::path::PathBuf, Option<String>)> {
+    let refuse = |why: &str| {
+        StoreError::Invalid(format!(
+            "unsupported database URL '{url}': {why}; use sqlite://PATH"
+        ))
+    };
     let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
     let query = url.split_once('?').map_or("", |(_, q)| q);
-    let (mut vfs, mut in_memory) = (None, false);
+    let mut vfs = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match (&*key, &*value) {
-            ("mode", "memory") => in_memory = true,
+            ("mode", "memory") => return Err(refuse("an in-memory database cannot be shared")),
+            ("mode", "ro") | ("immutable", "true" | "1") => {
+                return Err(refuse("the server writes to its database"));
+            }
             ("vfs", name) => vfs = Some(name.to_owned()),
             _ => {}
         }
     }
     let path = options.get_filename().to_path_buf();
+    let name = path.to_string_lossy();
     // sqlx names its in-memory databases `file:sqlx-in-memory-N`.
-    if in_memory || path.to_string_lossy().starts_with("file:sqlx-in-memory") {
-        return Err(StoreError::Invalid(format!(
-            "unsupported database URL '{url}': an in-memory SQLite database cannot be shared \
-             by the server's connections; use sqlite://PATH"
-        )));
+    if name.is_empty() || name.starts_with("file:sqlx-in-memory") || name.contains(":memory:") {
+        return Err(refuse(
+            "an in-memory or temporary database cannot be shared by the server's connections",
+        ));
     }
     Ok((path, vfs))
 }
@@ -272,6 +283,12 @@ impl SqlStore {
         // Commits on the SQLite device-write connection, which the background checkpoints
         // follow.
         let commits = Arc::new(AtomicU64::new(0));
+        // Checked before anything is opened: the device-write connection must be able to
+        // open the same database.
+        let sqlite_file = match dialect {
+            Dialect::Sqlite => Some(sqlite_file(url)?),
+            Dialect::Postgres => None,
+        };
         let (pool, writer, checkpoints) = match dialect {
             Dialect::Sqlite => {
                 let url = if url.contains('?') {
@@ -327,8 +344,7 @@ impl SqlStore {
             _checkpoints: checkpoints,
         };
         store.migrate().await?;
-        if dialect == Dialect::Sqlite {
-            let (path, vfs) = sqlite_file(url)?;
+        if let Some((path, vfs)) = sqlite_file {
             // Opening waits for the database while another process holds it locked (up to
             // the busy timeout): off the async runtime.
             let db = tokio::task::spawn_blocking(move || {
@@ -453,15 +469,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_device_connection_opens_what_the_url_names() {
+    fn sqlite_urls_map_to_the_file_and_vfs_the_device_connection_opens() {
         let (path, vfs) = sqlite_file("sqlite:///var/lib/updraft/db.sqlite?mode=rwc&vfs=unix-excl")
-            .unwrap_or_default();
+            .expect("a file and a VFS");
         assert_eq!(path, std::path::PathBuf::from("/var/lib/updraft/db.sqlite"));
         assert_eq!(vfs.as_deref(), Some("unix-excl"));
-        let (path, vfs) = sqlite_file("sqlite://data/a%20b.db").unwrap_or_default();
+        let (path, vfs) = sqlite_file("sqlite://data/a%20b.db").expect("a file");
         assert_eq!(path, std::path::PathBuf::from("data/a b.db"));
         assert_eq!(vfs, None);
-        for url in ["sqlite::memory:", "sqlite://x.db?mode=memory"] {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://x.db?mode=memory",
+            "sqlite:file::memory:",
+            "sqlite://",
+            "sqlite://x.db?mode=ro",
+            "sqlite://x.db?immutable=1",
+        ] {
             assert!(sqlite_file(url).is_err(), "{url}");
         }
     }
