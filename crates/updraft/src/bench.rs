@@ -477,7 +477,7 @@ async fn work_jobs(
 /// own message, `count` times — one broker hop each way, no responder.
 async fn reflection(port: u16, things: &[String], count: usize) -> anyhow::Result<Timing> {
     let echo = |t: &str| format!("$aws/things/{t}/echo");
-    let (elapsed, _) = on_every_device(
+    let (timing, _) = on_every_device(
         port,
         things,
         |t| vec![echo(t)],
@@ -492,7 +492,7 @@ async fn reflection(port: u16, things: &[String], count: usize) -> anyhow::Resul
         },
     )
     .await?;
-    Ok(elapsed)
+    Ok(timing)
 }
 
 /// The raw request/response the Jobs API is measured against: a second embedded broker

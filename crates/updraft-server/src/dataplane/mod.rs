@@ -98,12 +98,21 @@ impl<V> Default for Loading<V> {
     }
 }
 
-/// The caller doing a key's read: takes the key out of [`Loading`] when done or dropped,
-/// so that a read abandoned midway is not waited on by later callers.
+/// The caller doing a key's read: takes the key out of [`Loading`] when it ends or is
+/// dropped (a read abandoned midway is not waited on by later callers), then tells those
+/// waiting how it ended.
 struct Leading<'a, V> {
     loading: &'a Loading<V>,
     key: &'a str,
-    reading: Reading<V>,
+    done: tokio::sync::watch::Sender<Option<Option<V>>>,
+}
+
+impl<V> Leading<'_, V> {
+    /// Tells those waiting the read's value (`None`: it failed); the key goes as `self` is
+    /// dropped (a caller coming in between finds the read ended).
+    fn end(self, value: Option<V>) {
+        let _ = self.done.send(Some(value));
+    }
 }
 
 impl<V> Drop for Leading<'_, V> {
@@ -111,11 +120,21 @@ impl<V> Drop for Leading<'_, V> {
         if let Ok(mut reads) = self.loading.reads.lock()
             && reads
                 .get(self.key)
-                .is_some_and(|r| r.same_channel(&self.reading))
+                .is_some_and(|r| r.same_channel(&self.done.subscribe()))
         {
             reads.remove(self.key);
         }
     }
+}
+
+/// A caller's part in a key's read.
+enum Part<'a, V> {
+    /// It reads, for those who come meanwhile too.
+    Lead(Leading<'a, V>),
+    /// It waits for the read in progress.
+    Wait(Reading<V>),
+    /// It reads for itself (the map of reads is unusable).
+    Alone,
 }
 
 impl<V: Clone> Loading<V> {
@@ -125,37 +144,38 @@ impl<V: Clone> Loading<V> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<V, E>>,
     {
-        let (lead, mut waiting) = match self.reads.lock() {
+        let part = match self.reads.lock() {
             Ok(mut reads) => match reads.get(key) {
-                Some(reading) => (None, Some(reading.clone())),
+                Some(reading) => Part::Wait(reading.clone()),
                 None => {
                     let (done, reading) = tokio::sync::watch::channel(None);
-                    reads.insert(key.to_owned(), reading.clone());
-                    let leading = Leading {
+                    reads.insert(key.to_owned(), reading);
+                    Part::Lead(Leading {
                         loading: self,
                         key,
-                        reading,
-                    };
-                    (Some((done, leading)), None)
+                        done,
+                    })
                 }
             },
-            Err(_) => (None, None),
+            Err(_) => Part::Alone,
         };
-        if let Some(reading) = waiting.as_mut() {
-            if let Ok(ended) = reading.wait_for(Option::is_some).await
-                && let Some(Some(value)) = &*ended
-            {
-                return Ok(value.clone());
+        match part {
+            Part::Lead(leading) => {
+                let result = read().await;
+                leading.end(result.as_ref().ok().cloned());
+                result
             }
-            // The read failed or was abandoned: this caller reads on its own.
-            return read().await;
+            Part::Wait(mut reading) => {
+                if let Ok(ended) = reading.wait_for(Option::is_some).await
+                    && let Some(Some(value)) = &*ended
+                {
+                    return Ok(value.clone());
+                }
+                // The read failed or was abandoned: this caller reads on its own.
+                read().await
+            }
+            Part::Alone => read().await,
         }
-        let result = read().await;
-        if let Some((done, leading)) = lead {
-            drop(leading);
-            let _ = done.send(Some(result.as_ref().ok().cloned()));
-        }
-        result
     }
 }
 

@@ -135,9 +135,8 @@ fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>, commits: &Ato
             }
         }
         let writes: Vec<&DeviceWrite> = batch.iter().flat_map(|(w, _)| w).collect();
-        match apply(&mut conn, &writes) {
+        match apply(&mut conn, &writes, commits) {
             Ok(outcomes) => {
-                commits.fetch_add(1, Ordering::Relaxed);
                 let mut outcomes = outcomes.into_iter();
                 for (w, done) in batch {
                     let _ = done.send(Ok(outcomes.by_ref().take(w.len()).collect()));
@@ -160,10 +159,8 @@ fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>, commits: &Ato
                         tracing::warn!(error = %e, size, "group commit failed; writing singly");
                         for (w, done) in batch {
                             let writes: Vec<&DeviceWrite> = w.iter().collect();
-                            let outcome = apply(&mut conn, &writes);
-                            if outcome.is_ok() {
-                                commits.fetch_add(1, Ordering::Relaxed);
-                            } else {
+                            let outcome = apply(&mut conn, &writes, commits);
+                            if outcome.is_err() {
                                 settle(&conn);
                             }
                             let _ = done.send(outcome);
@@ -229,8 +226,9 @@ const COMPLETE: &str = "UPDATE jobs SET status = 'COMPLETED', completed_ms = ?2,
 
 /// [`crate::store::JobStore::device_writes`] on `conn`: the writes in order, each seeing the
 /// ones before it; then the jobs terminal updates may complete, then the pending lists
-/// ended executions carry (as they stand after the whole batch).
-fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
+/// ended executions carry (as they stand after the whole batch); the commit is counted in
+/// `commits`.
+fn apply(conn: &mut Connection, writes: &[&DeviceWrite], commits: &AtomicU64) -> Outcomes {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(writes.len());
     for &w in writes {
@@ -292,6 +290,7 @@ fn apply(conn: &mut Connection, writes: &[&DeviceWrite]) -> Outcomes {
     }
     carry_pending_lists(&mut outcomes, writes.iter().copied(), &lists);
     tx.commit()?;
+    commits.fetch_add(1, Ordering::Relaxed);
     Ok(outcomes)
 }
 
