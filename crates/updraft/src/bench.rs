@@ -56,6 +56,10 @@ pub struct JobsArgs {
     /// (caches, prepared statements and connections warm up).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Measure the Jobs API and the request/response it is compared with this many times,
+    /// alternately, and print the medians (with the spread): one short run is noisy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    repeat: u16,
 }
 
 pub async fn run(bench: Bench) -> anyhow::Result<()> {
@@ -255,17 +259,32 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     let port = server.mqtt_addr.context("no MQTT listener")?.port();
     let state = server.state().clone();
     tokio::spawn(server.run(std::future::pending()));
+    let repeat = usize::from(a.repeat);
     println!(
-        "bench jobs: {} devices x {} jobs (after one to warm up), 3 requests per job",
-        a.devices, a.rounds
+        "bench jobs: {} devices x {} jobs (after one to warm up), 3 requests per job{}",
+        a.devices,
+        a.rounds,
+        if repeat > 1 {
+            format!("; {repeat} runs of each, alternately")
+        } else {
+            String::new()
+        }
     );
-    let things = create_fleet(&state, a.devices, a.rounds + 1).await?;
+    let jobs_count = 1 + a.rounds * repeat;
+    let things = create_fleet(&state, a.devices, jobs_count).await?;
 
     // The Jobs API: each device works through its jobs, one request at a time; the first
-    // job is the warm-up.
+    // job is the warm-up. The request/response runs the same requests, answered with the
+    // answers the Jobs API gave.
     work_jobs(port, &things, 1).await?;
-    let (jobs_timing, answers) = work_jobs(port, &things, a.rounds).await?;
-    for r in 0..=a.rounds {
+    let (mut jobs_runs, mut echo_runs) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let (timing, answers) = work_jobs(port, &things, a.rounds).await?;
+        jobs_runs.push(timing);
+        let (started, updated) = answers.into_iter().next().context("no job ran")?;
+        echo_runs.push(request_response(&things, a.rounds, started, updated).await?);
+    }
+    for r in 0..jobs_count {
         let counts = state
             .store
             .count_executions(&format!("bench-job-{r}"))
@@ -278,36 +297,86 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
             bail!("bench-job-{r}: {ok} of {} executions succeeded", a.devices);
         }
     }
-    let (started, updated) = answers.into_iter().next().context("no job ran")?;
 
     let reflected = reflection(port, &things, a.rounds * 3).await?;
-    let echoed = request_response(&things, a.rounds, started, updated).await?;
     let requests = (a.devices * a.rounds * 3) as f64;
-    let rate = |t: Timing| requests / t.secs();
+    let rate = |t: &Timing| requests / t.secs();
+    let echoed = Median::of(&echo_runs, rate).context("no request/response run")?;
+    let jobs = Median::of(&jobs_runs, rate).context("no Jobs API run")?;
     println!(
         "  broker reflection : {:>10.0} round-trips/s ({:.2} s; no responder{})",
-        rate(reflected),
+        rate(&reflected),
         reflected.secs(),
         reflected.cpu_note(requests, "round-trip")
     );
     println!(
-        "  request/response  : {:>10.0} round-trips/s ({:.2} s; in-process echo{})",
-        rate(echoed),
-        echoed.secs(),
-        echoed.cpu_note(requests, "round-trip")
+        "  request/response  : {:>10.0} round-trips/s ({:.2} s; in-process echo{}){}",
+        echoed.rate,
+        echoed.run.secs(),
+        echoed.run.cpu_note(requests, "round-trip"),
+        echoed.spread()
     );
     println!(
-        "  jobs API          : {:>10.0} updates/s     ({:.2} s{})",
-        rate(jobs_timing),
-        jobs_timing.secs(),
-        jobs_timing.cpu_note(requests, "update")
+        "  jobs API          : {:>10.0} updates/s     ({:.2} s{}){}",
+        jobs.rate,
+        jobs.run.secs(),
+        jobs.run.cpu_note(requests, "update"),
+        jobs.spread()
     );
     println!(
-        "  ratio             : {:>10.2} (of request/response; {:.2} of reflection)",
-        rate(jobs_timing) / rate(echoed),
-        rate(jobs_timing) / rate(reflected)
+        "  ratio             : {:>10.2} (of request/response; {:.2} of reflection){}",
+        jobs.rate / echoed.rate,
+        jobs.rate / rate(&reflected),
+        if repeat > 1 {
+            let each: Vec<String> = jobs_runs
+                .iter()
+                .zip(&echo_runs)
+                .map(|(j, e)| format!("{:.2}", rate(j) / rate(e)))
+                .collect();
+            format!("; runs: {}", each.join(" "))
+        } else {
+            String::new()
+        }
     );
     Ok(())
+}
+
+/// The run of median rate among several (the upper median of an even count), and the
+/// spread of the rates.
+struct Median<'a> {
+    run: &'a Timing,
+    rate: f64,
+    min: f64,
+    max: f64,
+    count: usize,
+}
+
+impl<'a> Median<'a> {
+    /// `None` without runs.
+    fn of(runs: &'a [Timing], rate: impl Fn(&Timing) -> f64) -> Option<Median<'a>> {
+        let mut rated: Vec<(f64, &Timing)> = runs.iter().map(|t| (rate(t), t)).collect();
+        rated.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let &(rate, run) = rated.get(rated.len() / 2)?;
+        Some(Median {
+            run,
+            rate,
+            min: rated.first()?.0,
+            max: rated.last()?.0,
+            count: rated.len(),
+        })
+    }
+
+    /// `; median of N, min–max A–B` when there were several runs.
+    fn spread(&self) -> String {
+        if self.count > 1 {
+            format!(
+                "; median of {}, {:.0}–{:.0}",
+                self.count, self.min, self.max
+            )
+        } else {
+            String::new()
+        }
+    }
 }
 
 /// How long a phase took, and the CPU time the whole process (server and benchmark
