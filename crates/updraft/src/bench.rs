@@ -57,7 +57,8 @@ pub struct JobsArgs {
     #[arg(long, default_value_t = 20)]
     rounds: usize,
     /// Measure the Jobs API and the request/response it is compared with this many times,
-    /// alternately, and print the medians (with the spread): one short run is noisy.
+    /// alternately, and print the medians (with the spread): one short run is noisy. An odd
+    /// count gives a true median (of an even one, the upper of the two middle runs).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     repeat: u16,
 }
@@ -366,7 +367,7 @@ impl<'a> Median<'a> {
         })
     }
 
-    /// `; median of N, min–max A–B` when there were several runs.
+    /// `; median of N, MIN–MAX` when there were several runs.
     fn spread(&self) -> String {
         if self.count > 1 {
             format!(
@@ -789,4 +790,40 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     );
     println!("  ratio           : {:>8.2}", stream_rate / echo_rate);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(ms: u64) -> Timing {
+        Timing {
+            wall: Duration::from_millis(ms),
+            cpu: None,
+        }
+    }
+
+    /// The rate of a run taking `ms`: 1,000 operations.
+    fn rate(t: &Timing) -> f64 {
+        1000.0 / t.secs()
+    }
+
+    #[test]
+    fn the_median_run_and_the_spread() {
+        assert!(Median::of(&[], rate).is_none());
+        let one = [run(100)];
+        let m = Median::of(&one, rate).expect("one run");
+        assert_eq!((m.rate, m.count), (10_000.0, 1));
+        assert_eq!(m.spread(), "");
+        // Odd: the middle rate, whichever order the runs came in.
+        let odd = [run(125), run(100), run(250), run(200), run(50)];
+        let m = Median::of(&odd, rate).expect("runs");
+        assert_eq!((m.rate, m.min, m.max), (8_000.0, 4_000.0, 20_000.0));
+        assert_eq!(m.run.wall, Duration::from_millis(125));
+        assert_eq!(m.spread(), "; median of 5, 4000–20000");
+        // Even: the upper of the two middle runs.
+        let even = [run(100), run(200), run(250), run(125)];
+        let m = Median::of(&even, rate).expect("runs");
+        assert_eq!(m.rate, 8_000.0);
+    }
 }
