@@ -2,25 +2,18 @@
 //! execution of `bench jobs` must end SUCCEEDED, every file `bench stream` downloads must
 //! match) and fails otherwise; these tests check that they run and print their figures.
 
-use std::process::Command;
+mod common;
 
-/// Runs `updraft bench ARGS` with the open-file limit raised to the hard limit; returns
-/// stdout, failing the test (with stderr) if the run failed.
+use common::updraft;
+
+/// Runs `updraft bench ARGS`; returns stdout, failing the test (with stderr) if the run
+/// failed.
 fn bench(args: &[&str]) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" bench "$@""#)
-        .arg(env!("CARGO_BIN_EXE_updraft"))
-        .args(args)
-        .env_remove("UPDRAFT_LOG")
-        .output()
-        .expect("running updraft");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "updraft bench {args:?} failed\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<&str> = std::iter::once("bench")
+        .chain(args.iter().copied())
+        .collect();
+    let (ok, stdout, stderr) = updraft(&args);
+    assert!(ok, "updraft {args:?} failed\n{stdout}\n{stderr}");
     stdout
 }
 
@@ -74,14 +67,7 @@ fn bench_jobs_once_prints_no_spread() {
 
 #[test]
 fn bench_rejects_zero_repeats() {
-    let out = Command::new(env!("CARGO_BIN_EXE_updraft"))
-        .args(["bench", "jobs", "--repeat", "0"])
-        .output()
-        .expect("running updraft");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--repeat"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, stderr) = updraft(&["bench", "jobs", "--repeat", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--repeat"), "{stderr}");
 }

@@ -228,22 +228,20 @@ impl Pace {
         let want = if busy { self.last } else { 0 };
         let mut size = first.0.len();
         let mut batch = vec![first];
+        // `gather` counts from the first time the queue is found empty.
         let mut until = None;
         while size < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(r) => {
-                    size += r.0.len();
-                    batch.push(r);
-                }
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let until = *until.get_or_insert_with(|| Instant::now() + self.gather);
-                    if size >= want || Instant::now() >= until {
-                        break;
-                    }
-                    std::thread::yield_now();
-                }
-            }
+            let polled = match requests.try_recv() {
+                Ok(r) => Polled::Request(r),
+                Err(mpsc::TryRecvError::Empty) if size < want => poll_until(
+                    requests,
+                    *until.get_or_insert_with(|| Instant::now() + self.gather),
+                ),
+                Err(_) => break,
+            };
+            let Polled::Request(r) = polled else { break };
+            size += r.0.len();
+            batch.push(r);
         }
         self.last = size;
         Some((batch, size))
