@@ -29,6 +29,17 @@ pub enum Dialect {
     Postgres,
 }
 
+impl Dialect {
+    /// A migration's text in this dialect (`KEYTEXT`: keys ordered bytewise).
+    fn schema(self, sql: &str) -> String {
+        let key_text = match self {
+            Dialect::Sqlite => "TEXT",
+            Dialect::Postgres => "TEXT COLLATE \"C\"",
+        };
+        sql.replace("KEYTEXT", key_text)
+    }
+}
+
 /// Versioned migrations, applied in order at start. Never edit one that has shipped.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
@@ -46,6 +57,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "pending order",
         include_str!("../../../migrations/0004_pending_order.sql"),
+    ),
+    (
+        5,
+        "pending index",
+        include_str!("../../../migrations/0005_pending_index.sql"),
     ),
 ];
 
@@ -394,12 +410,9 @@ impl SqlStore {
             if applied.contains(version) {
                 continue;
             }
-            let key_text = match self.dialect {
-                Dialect::Sqlite => "TEXT",
-                Dialect::Postgres => "TEXT COLLATE \"C\"",
-            };
-            let sql = sql.replace("KEYTEXT", key_text);
-            sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+            sqlx::raw_sql(AssertSqlSafe(self.dialect.schema(sql)))
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("INSERT INTO schema_migrations (version, description, applied_ms) VALUES ($1, $2, $3)")
                 .bind(*version)
                 .bind(*description)

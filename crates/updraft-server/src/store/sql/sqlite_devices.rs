@@ -377,6 +377,17 @@ fn apply(conn: &mut Connection, writes: &[&DeviceWrite], commits: &AtomicU64) ->
     Ok(outcomes)
 }
 
+/// The first `limit` executions of thing `?1` in `status` (QUEUED or IN_PROGRESS), by queue
+/// time. The status is a literal: SQLite then reads them from the partial index of open
+/// executions (migration 5), which it uses only for a term of the index's own.
+fn pending_query(status: ExecutionStatus, limit: usize) -> String {
+    format!(
+        "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = ?1 \
+         AND status = '{}' ORDER BY queued_ms, job_id LIMIT {limit}",
+        status.as_str()
+    )
+}
+
 /// `thing`'s pending executions, IN_PROGRESS first, then QUEUED, each by queue time: at
 /// most `limit` (each status read in index order and cut there; the limit is in the text,
 /// which the statement cache keys on).
@@ -387,11 +398,8 @@ fn pending(conn: &Connection, thing: &str, limit: usize) -> StoreResult<Vec<JobE
         if left == 0 {
             break;
         }
-        let mut statement = conn.prepare_cached(&format!(
-            "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = ?1 \
-             AND status = ?2 ORDER BY queued_ms, job_id LIMIT {left}"
-        ))?;
-        let mut rows = statement.query(params![thing, status.as_str()])?;
+        let mut statement = conn.prepare_cached(&pending_query(status, left))?;
+        let mut rows = statement.query(params![thing])?;
         while let Some(row) = rows.next()? {
             let columns: ExecutionColumns = (
                 row.get(0)?,
@@ -441,6 +449,58 @@ mod tests {
             .flat_map(|(w, _)| w)
             .map(|w| w.thing())
             .collect()
+    }
+
+    /// What SQLite plans for `sql` on the migrated schema: one line per step.
+    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut statement = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect(sql);
+        let unbound = vec![rusqlite::types::Null; statement.parameter_count()];
+        let steps = statement
+            .query_map(rusqlite::params_from_iter(unbound), |row| {
+                row.get::<_, String>(3)
+            })
+            .expect("plan");
+        steps.collect::<Result<_, _>>().expect("plan steps")
+    }
+
+    #[test]
+    fn devices_read_pending_lists_from_the_index_of_open_executions() {
+        let conn = Connection::open_in_memory().expect("in-memory database");
+        for (_, _, sql) in super::super::MIGRATIONS {
+            conn.execute_batch(&super::super::Dialect::Sqlite.schema(sql))
+                .expect("migration");
+        }
+        let head = "job_executions_pending (status=? AND thing_name=?)";
+        let cases = [
+            (START_NEXT.to_owned(), 2),
+            (pending_query(ExecutionStatus::InProgress, 1), 1),
+            (pending_query(ExecutionStatus::Queued, 10), 1),
+        ];
+        for (sql, reads) in cases {
+            let steps = plan(&conn, &sql);
+            let by_head = steps.iter().filter(|s| s.contains(head)).count();
+            assert_eq!(by_head, reads, "{sql}: {steps:?}");
+            assert!(
+                !steps
+                    .iter()
+                    .any(|s| s.starts_with("SCAN") || s.contains("TEMP B-TREE")),
+                "{sql}: {steps:?}"
+            );
+        }
+        // Listing a thing's executions reads the thing index, which holds no status.
+        let listing = plan(
+            &conn,
+            "SELECT job_id FROM job_executions WHERE thing_name = ?1 AND job_id > ?2 \
+             ORDER BY job_id, execution_number LIMIT 5",
+        );
+        assert!(
+            listing
+                .iter()
+                .any(|s| s.contains("job_executions_thing (thing_name=? AND job_id>?)")),
+            "{listing:?}"
+        );
     }
 
     #[test]
