@@ -181,12 +181,15 @@ fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>, commits: &Ato
 /// - a batch smaller than the last one waits up to `gather` for more: the writes of the
 ///   devices the last batch answered are on their way.
 ///
-/// A write that comes once the thread has blocked does not wait. Between polls the
-/// thread yields its core to any other runnable thread, and checks its deadlines then: on
-/// a contended core a wait can last longer than its bound. Under steady traffic of large
-/// batches less than `linger` apart the thread polls all along (its CPU time, mostly
-/// given away, still counts against a CPU quota). Measured in the ARCHITECTURE notes
-/// (device writes).
+/// A write that comes once the thread has blocked does not wait. The thread spins while it
+/// polls (checking its deadline each time): it does not yield, because `sched_yield` hands
+/// the core to any other runnable thread of the machine, however low its priority, for as
+/// long as the scheduler's slice, while this thread waits, runnable, behind it (with two
+/// `SCHED_IDLE` busy loops on the machine the benchmark fell from ~60k to ~30k updates/s
+/// when it yielded; spinning kept ~58k). With one CPU nobody could send a write while the
+/// thread spins: it never polls. Under steady traffic of large batches less than
+/// `linger` apart the thread polls all along (its CPU time counts against a CPU quota).
+/// Measured in the ARCHITECTURE notes (device writes).
 struct Pace {
     /// How many writes the last batch committed.
     last: usize,
@@ -199,11 +202,7 @@ const BUSY: usize = 8;
 
 impl Default for Pace {
     fn default() -> Self {
-        Pace {
-            last: 0,
-            gather: Duration::from_micros(300),
-            linger: Duration::from_micros(500),
-        }
+        Pace::for_cpus(std::thread::available_parallelism().map_or(1, usize::from))
     }
 }
 
@@ -215,6 +214,20 @@ enum Polled {
 }
 
 impl Pace {
+    /// The pace on a machine (or under a CPU quota) of `cpus` CPUs: with one, no waits.
+    fn for_cpus(cpus: usize) -> Pace {
+        let (gather, linger) = if cpus > 1 {
+            (Duration::from_micros(300), Duration::from_micros(500))
+        } else {
+            (Duration::ZERO, Duration::ZERO)
+        };
+        Pace {
+            last: 0,
+            gather,
+            linger,
+        }
+    }
+
     /// The next batch (at most [`MAX_BATCH`] writes) and its number of writes; `None` once
     /// the store is closed and every request taken.
     fn next_batch(&mut self, requests: &mpsc::Receiver<Request>) -> Option<(Vec<Request>, usize)> {
@@ -248,14 +261,14 @@ impl Pace {
     }
 }
 
-/// Polls `requests` until `until`, yielding the core between polls.
+/// Polls `requests` until `until`, spinning (see [`Pace`] on why it does not yield).
 fn poll_until(requests: &mpsc::Receiver<Request>, until: Instant) -> Polled {
     loop {
         match requests.try_recv() {
             Ok(r) => return Polled::Request(r),
             Err(mpsc::TryRecvError::Disconnected) => return Polled::Closed,
             Err(mpsc::TryRecvError::Empty) if Instant::now() >= until => return Polled::Nothing,
-            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
         }
     }
 }
@@ -566,6 +579,21 @@ mod tests {
         // Closed: what was taken is answered, then the thread ends.
         drop(tx);
         assert!(pace.next_batch(&rx).is_none());
+    }
+
+    #[test]
+    fn with_one_cpu_the_thread_never_waits_for_more() {
+        let one = Pace::for_cpus(1);
+        assert_eq!((one.gather, one.linger), (Duration::ZERO, Duration::ZERO));
+        let two = Pace::for_cpus(2);
+        assert!(two.gather > Duration::ZERO && two.linger > Duration::ZERO);
+        // Busy, but on one CPU: a lone write is a batch at once, and nothing waits for more.
+        let (tx, rx) = mpsc::channel();
+        let mut pace = Pace { last: 50, ..one };
+        let (r, _a) = request("one");
+        tx.send(r).expect("queue");
+        let (batch, size) = pace.next_batch(&rx).expect("a batch");
+        assert_eq!((things(&batch), size), (vec!["one"], 1));
     }
 
     #[test]
