@@ -57,9 +57,10 @@ pub struct JobsArgs {
     #[arg(long, default_value_t = 20)]
     rounds: usize,
     /// Measure the Jobs API and the request/response it is compared with this many times,
-    /// alternately, and print the medians (with the spread): one short run is noisy. An odd
-    /// count gives a true median (of an even one, the upper of the two middle runs).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    /// alternately, and print the medians (with the spread): one short run is noisy (±10 %
+    /// and more). An odd count gives a true median (of an even one, the upper of the two
+    /// middle runs).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
     repeat: u16,
 }
 

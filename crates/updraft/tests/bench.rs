@@ -59,10 +59,17 @@ fn bench_jobs_repeated_prints_medians_and_each_runs_ratio() {
 
 #[test]
 fn bench_jobs_once_prints_no_spread() {
-    let out = bench(&["jobs", "--devices", "2", "--rounds", "1"]);
+    let out = bench(&["jobs", "--devices", "2", "--rounds", "1", "--repeat", "1"]);
     assert!(figure(&out, "jobs API") > 0.0, "{out}");
     assert!(!out.contains("median of"), "{out}");
     assert!(!out.contains("runs:"), "{out}");
+}
+
+#[test]
+fn bench_jobs_takes_the_median_of_five_runs_by_default() {
+    let out = bench(&["jobs", "--devices", "2", "--rounds", "1"]);
+    assert!(out.contains("5 runs of each, alternately"), "{out}");
+    assert!(out.contains("median of 5"), "{out}");
 }
 
 #[test]
