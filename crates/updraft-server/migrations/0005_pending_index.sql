@@ -10,6 +10,8 @@
 --   index is usable by SQLite when the query's term is one of the index's OR terms).
 -- * Listing a thing's executions (by job id) reads a thing index without `status`, which
 --   a status change leaves alone.
+-- On PostgreSQL the rebuild locks job_executions until the migration commits: replicas of
+-- the previous version wait on it meanwhile (upgrade them together).
 DROP INDEX job_executions_thing;
 CREATE INDEX job_executions_thing ON job_executions (thing_name, job_id, execution_number);
 CREATE INDEX job_executions_pending ON job_executions (status, thing_name, queued_ms, job_id)

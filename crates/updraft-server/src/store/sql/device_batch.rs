@@ -165,7 +165,10 @@ impl SqlStore {
     fn start_statements(&self, param: usize, statements: &mut Vec<Statement>) {
         let s = self.elements();
         // The status is checked on the row itself too: a row another transaction just
-        // started is re-checked after its lock, the subqueries not.
+        // started is re-checked after its lock, the subqueries not. Each thing's head is a
+        // LATERAL join on the row's key: compared as a row value with a scalar subquery
+        // (`(job_id, ...) = (SELECT ...)`), PostgreSQL scanned every QUEUED execution of the
+        // table for each thing (40,000 queued: 390 ms to start two things; joined: 0.14 ms).
         statements.push(Statement {
             sql: format!(
                 "UPDATE job_executions AS x SET status = 'IN_PROGRESS', started_ms = s.now_ms, \
@@ -173,9 +176,10 @@ impl SqlStore {
                  version = x.version + 1 \
                  FROM (SELECT value ->> 0 AS thing, value ->> 1 AS status_details, \
                  CAST(value ->> 2 AS BIGINT) AS now_ms FROM {s}) AS s \
-                 WHERE (x.job_id, x.thing_name, x.execution_number) = (SELECT job_id, thing_name, \
-                 execution_number FROM job_executions WHERE thing_name = s.thing \
-                 AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AND x.status = 'QUEUED' \
+                 CROSS JOIN LATERAL (SELECT job_id, thing_name, execution_number FROM job_executions \
+                 WHERE thing_name = s.thing AND status = 'QUEUED' ORDER BY queued_ms, job_id LIMIT 1) AS h \
+                 WHERE x.job_id = h.job_id AND x.thing_name = h.thing_name \
+                 AND x.execution_number = h.execution_number AND x.status = 'QUEUED' \
                  AND NOT EXISTS (SELECT 1 FROM job_executions WHERE thing_name = s.thing \
                  AND status = 'IN_PROGRESS')"
             ),
@@ -439,4 +443,43 @@ fn pending_lists(answer: &str, limit: usize) -> StoreResult<HashMap<String, Vec<
         list.truncate(limit);
     }
     Ok(lists)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pending lists' statement on SQLite (GetPendingJobExecutions, notifications)
+    /// reads each thing's open executions from the partial index, in order, without a sort.
+    #[tokio::test]
+    async fn sqlite_pending_lists_read_the_index_of_open_executions() {
+        let dir = std::env::temp_dir().join(format!("updraft-plan-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
+        let store = SqlStore::connect(&url).await.expect("a store");
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {}",
+            store.pending_sql(10)
+        )))
+        .bind(json!([["t1"], ["t2"]]).to_string())
+        .fetch_all(&store.pool)
+        .await
+        .expect("a plan");
+        let steps: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(3).expect("a step"))
+            .collect();
+        let by_index = steps
+            .iter()
+            .filter(|s| s.contains("job_executions_pending (status=? AND thing_name=?)"))
+            .count();
+        // One read per status (IN_PROGRESS, QUEUED).
+        assert_eq!(by_index, 2, "{steps:?}");
+        assert!(
+            !steps.iter().any(|s| s.contains("TEMP B-TREE")),
+            "{steps:?}"
+        );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
