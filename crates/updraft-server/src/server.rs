@@ -236,8 +236,10 @@ fn device_authorizer(state: &AppState) -> Authorizer {
     })
 }
 
-/// Device requests queued between the MQTT side and the data-plane workers.
-const INBOUND_QUEUE: usize = 8192;
+/// Device requests queued in each data-plane worker's lane (a bound, not an allocation:
+/// tokio's channels grow in blocks). A full lane slows the reads of the devices whose
+/// requests go there, and no one else's.
+const LANE_QUEUE: usize = 1024;
 
 /// Data-plane workers: each handles its devices' requests in order, one at a time, so a
 /// device that shares a worker waits for the other's group commit. Many workers (cheap
@@ -317,7 +319,7 @@ impl Server {
             region: config.region.clone(),
         });
 
-        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
+        let (inbound_tx, inbound_rx) = crate::mqtt::Lanes::new(DATA_PLANE_WORKERS, LANE_QUEUE);
         let mut mqtt_addr = None;
         let mut mqtts_addr = None;
         let mut endpoints = serde_json::json!({ "http": format!("http://{http_addr}") });
@@ -368,12 +370,7 @@ impl Server {
             }
             state.data_plane.set_bus(Arc::new(broker));
         }
-        crate::dataplane::spawn_workers(
-            state.clone(),
-            inbound_rx,
-            DATA_PLANE_WORKERS,
-            config.device_rate_limit,
-        );
+        crate::dataplane::spawn_workers(state.clone(), inbound_rx, config.device_rate_limit);
         write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
         tracing::info!(%http_addr, mqtt = ?mqtt_addr, database = %redact(&config.database), artifacts = ?state.artifacts, "updraft is listening");
         let signing = crate::signer::jobs::resume_pending(&state).await?;

@@ -15,7 +15,7 @@ mod writer;
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -648,15 +648,10 @@ pub struct Presigner {
     pub region: String,
 }
 
-/// Consumes device requests: a dispatcher spreads them over `workers` tasks by client id.
-/// Each device may make `rate` requests per second, sustained (0: no limit).
-pub fn spawn_workers(
-    state: AppState,
-    mut inbound: mpsc::Receiver<Inbound>,
-    workers: usize,
-    rate: f64,
-) {
-    let workers = workers.max(1);
+/// Consumes device requests: one task per lane (see [`crate::mqtt::Lanes`]), each handling
+/// its devices' requests in order. Each device may make `rate` requests per second,
+/// sustained (0: no limit).
+pub fn spawn_workers(state: AppState, lanes: Vec<mpsc::Receiver<Inbound>>, rate: f64) {
     if !state.store.group_commits() {
         match writer::DeviceWriter::spawn(state.store.clone()) {
             Ok(w) => {
@@ -667,36 +662,20 @@ pub fn spawn_workers(
             }
         }
     }
-    let mut senders = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        // The capacity is a bound, not an allocation (tokio's channels grow in blocks):
-        // room for a device's whole burst, so one bursting device does not stall the
-        // dispatcher for everyone.
-        let (tx, mut rx) = mpsc::channel::<Inbound>(1024);
-        senders.push(tx);
+    for mut rx in lanes {
         let state = state.clone();
         tokio::spawn(async move {
+            // A device always comes down the same lane: its bucket is here.
+            let mut limiter = RateLimiter::new(rate);
             while let Some(msg) = rx.recv().await {
-                handle(&state, msg).await;
+                if limiter.allow(&msg.client_id, std::time::Instant::now()) {
+                    handle(&state, msg).await;
+                } else {
+                    throttled(&state, &msg);
+                }
             }
         });
     }
-    let throttle_state = state.clone();
-    tokio::spawn(async move {
-        let mut limiter = RateLimiter::new(rate);
-        while let Some(msg) = inbound.recv().await {
-            if !limiter.allow(&msg.client_id, std::time::Instant::now()) {
-                throttled(&throttle_state, &msg);
-                continue;
-            }
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            msg.client_id.hash(&mut h);
-            let i = usize::try_from(h.finish() % workers as u64).unwrap_or(0);
-            if senders[i].send(msg).await.is_err() {
-                return;
-            }
-        }
-    });
 }
 
 /// A token bucket per client id: `rate` requests per second sustained, bursts of twice

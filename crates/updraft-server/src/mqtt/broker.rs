@@ -81,7 +81,7 @@ struct Session {
 
 struct Inner {
     sessions: Mutex<HashMap<String, Session>>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: super::Lanes,
     authorize: Authorizer,
     config: BrokerConfig,
     next_conn: AtomicU64,
@@ -166,16 +166,16 @@ enum ConnError {
 }
 
 impl Broker {
-    /// A broker that hands device requests to `inbound`.
+    /// A broker that hands device requests to `inbound` (a channel, or lanes).
     pub fn new(
         config: BrokerConfig,
         authorize: Authorizer,
-        inbound: mpsc::Sender<Inbound>,
+        inbound: impl Into<super::Lanes>,
     ) -> Self {
         Broker {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(HashMap::new()),
-                inbound,
+                inbound: inbound.into(),
                 authorize,
                 config,
                 next_conn: AtomicU64::new(1),

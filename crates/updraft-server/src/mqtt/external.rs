@@ -159,9 +159,9 @@ pub struct ExternalBus {
 
 impl ExternalBus {
     /// Connects (and keeps reconnecting) to the broker, forwarding device requests to `inbound`.
-    pub fn connect(target: BrokerTarget, inbound: mpsc::Sender<Inbound>) -> Self {
+    pub fn connect(target: BrokerTarget, inbound: impl Into<super::Lanes>) -> Self {
         let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
-        tokio::spawn(run(target, rx, inbound));
+        tokio::spawn(run(target, rx, inbound.into()));
         ExternalBus { tx }
     }
 
@@ -197,11 +197,7 @@ enum SessionError {
 }
 
 /// Connects, serves, and reconnects with a growing pause after failures.
-async fn run(
-    target: BrokerTarget,
-    mut outgoing: mpsc::Receiver<Publish>,
-    inbound: mpsc::Sender<Inbound>,
-) {
+async fn run(target: BrokerTarget, mut outgoing: mpsc::Receiver<Publish>, inbound: super::Lanes) {
     let client_id = format!("updraft-{}", uuid::Uuid::new_v4().simple());
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -281,7 +277,7 @@ async fn session<S>(
     target: &BrokerTarget,
     client_id: &str,
     outgoing: &mut mpsc::Receiver<Publish>,
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &super::Lanes,
     backoff: &mut Duration,
 ) -> Result<(), SessionError>
 where
@@ -427,7 +423,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-async fn forward(p: Publish, inbound: &mpsc::Sender<Inbound>) {
+async fn forward(p: Publish, inbound: &super::Lanes) {
     if !updraft_protocol::topics::is_request_topic(&p.topic) {
         return;
     }
