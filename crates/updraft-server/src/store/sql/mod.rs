@@ -481,6 +481,97 @@ impl SqlStore {
 mod tests {
     use super::*;
 
+    /// A database at schema version 4 holding executions is upgraded at connect (migration
+    /// 5 rebuilds the thing indexes), and reads the same pending lists and listings after.
+    #[tokio::test]
+    async fn a_version_4_database_with_executions_upgrades() {
+        let dir = std::env::temp_dir().join(format!("updraft-upgrade-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let file = dir.join("db.sqlite");
+        {
+            let conn = rusqlite::Connection::open(&file).expect("a database");
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                 description TEXT NOT NULL, applied_ms BIGINT NOT NULL)",
+            )
+            .expect("the migrations table");
+            for (version, description, sql) in &MIGRATIONS[..4] {
+                conn.execute_batch(&Dialect::Sqlite.schema(sql))
+                    .expect("a migration");
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, ?2, 0)",
+                    rusqlite::params![version, description],
+                )
+                .expect("recorded");
+            }
+            // thing-a: job-0 done, job-1 in progress, job-2 and job-3 queued (job-3 first).
+            for (job, status, queued) in [
+                ("job-0", "SUCCEEDED", 1),
+                ("job-1", "IN_PROGRESS", 2),
+                ("job-2", "QUEUED", 4),
+                ("job-3", "QUEUED", 3),
+            ] {
+                conn.execute(
+                    &format!(
+                        "INSERT INTO job_executions ({EXECUTION_COLUMNS}) VALUES \
+                     (?1, 'thing-a', 1, ?2, 0, '{{}}', ?3, NULL, ?3, 1, 0)"
+                    ),
+                    rusqlite::params![job, status, queued],
+                )
+                .expect("an execution");
+            }
+        }
+        let store = SqlStore::connect(&format!("sqlite://{}", file.display()))
+            .await
+            .expect("upgraded");
+        let pending = store
+            .pending_executions("thing-a", 10)
+            .await
+            .expect("pending");
+        let jobs: Vec<(&str, ExecutionStatus)> = pending
+            .iter()
+            .map(|e| (e.job_id.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            jobs,
+            [
+                ("job-1", ExecutionStatus::InProgress),
+                ("job-3", ExecutionStatus::Queued),
+                ("job-2", ExecutionStatus::Queued)
+            ]
+        );
+        let page = PageRequest {
+            after: None,
+            limit: 10,
+        };
+        let listed = store
+            .list_executions_for_thing("thing-a", None, None, &page)
+            .await
+            .expect("listed");
+        let ids: Vec<&str> = listed.items.iter().map(|e| e.job_id.as_str()).collect();
+        assert_eq!(ids, ["job-0", "job-1", "job-2", "job-3"]);
+        let indexes: Vec<String> = sqlx::query(
+            "SELECT name FROM sqlite_master WHERE tbl_name = 'job_executions' AND type = 'index' \
+             AND name LIKE 'job_executions_%' ORDER BY name",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .expect("the indexes")
+        .iter()
+        .map(|r| r.try_get::<String, _>(0).expect("a name"))
+        .collect();
+        assert_eq!(
+            indexes,
+            [
+                "job_executions_pending",
+                "job_executions_status",
+                "job_executions_thing"
+            ]
+        );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn sqlite_urls_map_to_the_file_and_vfs_the_device_connection_opens() {
         let (path, vfs) = sqlite_file("sqlite:///var/lib/updraft/db.sqlite?mode=rwc&vfs=unix-excl")
