@@ -16,3 +16,6 @@ pub mod server;
 pub mod signer;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+mod test_support;

@@ -254,10 +254,10 @@ mod tests {
 
     #[test]
     fn created_once_with_mode_0600_and_reused() {
-        let dir = std::env::temp_dir().join(format!("updraft-kek-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let first = Kek::load_or_create(None, &dir).expect("create");
-        let again = Kek::load_or_create(None, &dir).expect("load");
+        let scratch = crate::test_support::ScratchDir::new("kek");
+        let dir = scratch.path();
+        let first = Kek::load_or_create(None, dir).expect("create");
+        let again = Kek::load_or_create(None, dir).expect("load");
         assert_eq!(first.id(), again.id());
         #[cfg(unix)]
         {
@@ -271,14 +271,13 @@ mod tests {
         // An operator's file must exist: it is never created.
         let missing = dir.join("operator.key");
         assert!(matches!(
-            Kek::load_or_create(Some(&missing), &dir),
+            Kek::load_or_create(Some(&missing), dir),
             Err(KekError::Read { .. })
         ));
         std::fs::write(&missing, "not a key").expect("write");
         assert!(matches!(
-            Kek::load_or_create(Some(&missing), &dir),
+            Kek::load_or_create(Some(&missing), dir),
             Err(KekError::Malformed(_))
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

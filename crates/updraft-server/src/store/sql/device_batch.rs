@@ -453,9 +453,11 @@ mod tests {
     /// reads each thing's open executions from the partial index, in order, without a sort.
     #[tokio::test]
     async fn sqlite_pending_lists_read_the_index_of_open_executions() {
-        let dir = std::env::temp_dir().join(format!("updraft-plan-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("a directory");
-        let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
+        let dir = crate::test_support::ScratchDir::new("plan");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("db.sqlite").display()
+        );
         let store = SqlStore::connect(&url).await.expect("a store");
         let rows = sqlx::query(AssertSqlSafe(format!(
             "EXPLAIN QUERY PLAN {}",
@@ -480,6 +482,5 @@ mod tests {
             "{steps:?}"
         );
         store.close().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -485,9 +485,8 @@ mod tests {
     /// 5 rebuilds the thing indexes), and reads the same pending lists and listings after.
     #[tokio::test]
     async fn a_version_4_database_with_executions_upgrades() {
-        let dir = std::env::temp_dir().join(format!("updraft-upgrade-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("a directory");
-        let file = dir.join("db.sqlite");
+        let dir = crate::test_support::ScratchDir::new("upgrade");
+        let file = dir.path().join("db.sqlite");
         {
             let conn = rusqlite::Connection::open(&file).expect("a database");
             conn.execute_batch(
@@ -569,7 +568,6 @@ mod tests {
             ]
         );
         store.close().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
