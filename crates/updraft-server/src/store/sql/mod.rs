@@ -4,8 +4,8 @@
 //! what [`Dialect`] names: connection setup, how a write transaction starts (SQLite takes
 //! the write lock up front with `BEGIN IMMEDIATE`, PostgreSQL locks rows with
 //! `FOR UPDATE`), the collation of key columns, and the migration lock — and in how
-//! devices' writes are group-committed: `sqlite_devices.rs` (SQLite, its own connection
-//! and thread) and `device_batch.rs` (PostgreSQL, set-based batches from the data plane's
+//! devices' writes are group-committed: `sqlite_devices.rs` (SQLite, its own connection,
+//! committed by its callers in turn) and `device_batch.rs` (PostgreSQL, set-based batches from the data plane's
 //! writer).
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -74,7 +74,7 @@ pub struct SqlStore {
     /// `devices`), on PostgreSQL the same pool.
     writer: AnyPool,
     dialect: Dialect,
-    /// SQLite: the connection, on a thread of its own, that group-commits devices' writes
+    /// SQLite: the connection that group-commits devices' writes
     /// (see `sqlite_devices.rs`).
     devices: Option<Arc<sqlite_devices::DeviceDb>>,
     /// SQLite: the background checkpoints, until the last clone of the store is gone.
@@ -93,7 +93,8 @@ impl Drop for AbortOnDrop {
 /// The SQLite writer connections' settings: their automatic checkpoint at 8,192 log pages
 /// (32 MiB of 4 KiB pages; SQLite's default is 1,000; see [`checkpoints`]), and a 64 MiB
 /// page cache (a fleet's executions and their indexes outgrow the default 2 MiB). The
-/// device-write connection (`sqlite_devices.rs`) has the same.
+/// device-write connection (`sqlite_devices.rs`) has the same, but runs its checkpoint at
+/// 8,192 pages on a blocking thread, off the async runtime.
 const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint=8192; PRAGMA cache_size=-65536;";
 
 /// How often a SQLite database's write-ahead log is copied back into it in the background

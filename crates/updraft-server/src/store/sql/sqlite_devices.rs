@@ -1,34 +1,46 @@
 //! SQLite: devices' writes (execution updates and StartNext), group-committed on a
-//! connection and a thread of their own.
+//! connection of their own.
 //!
-//! Every device write is a small transaction, and SQLite serializes commits: the thread
-//! that owns this connection takes every write that arrived while it committed the last
-//! batch and commits them together (up to [`MAX_BATCH`]; under load it waits briefly for
-//! more, see [`Pace`]), so a commit's cost is shared by every device waiting on it. Each
-//! caller still waits for its own write to be committed before its device is answered.
+//! Every device write is a small transaction, and SQLite serializes commits. So the writes
+//! wait in one queue, and the first caller to find nobody committing commits them (flat
+//! combining): it lets the tasks ready on its thread run once ([`tokio::task::yield_now`]:
+//! the devices the last batch answered send their next writes in that time), then commits
+//! every write waiting (up to [`MAX_BATCH`]) in one transaction, answers their callers, and
+//! goes on until the queue is empty; the others only wait for their answers. A commit's
+//! cost is shared by every device waiting on it, and a write is applied on the thread that
+//! received it: no hand-off to another thread and back, each a wake-up of a thread (on a
+//! 2-core virtual machine, of a halted vCPU: tens of microseconds) and a wait for a core.
+//! Each caller still waits for its own write to be committed before its device is
+//! answered.
+//!
+//! The connection never waits on the async runtime's threads: it has no busy timeout
+//! there, and it does not checkpoint the log itself. When another connection holds the
+//! database's write lock (the control plane's writer, see below), or a commit has grown
+//! the log past [`CHECKPOINT_FRAMES`], the connection goes to a blocking thread
+//! ([`tokio::task::spawn_blocking`]), which checkpoints or waits for the lock (up to
+//! [`BUSY_TIMEOUT`]) and commits what is waiting until the queue is empty; meanwhile callers
+//! leave their writes to it. A batch is still run on the runtime's thread (at most
+//! [`MAX_BATCH`] writes of a few microseconds each).
 //!
 //! Why not through sqlx: sqlx runs each SQLite connection on a thread of its own and hands
-//! every statement, every result and every row between that thread and its caller, each
-//! hand-off a wake-up of a thread (on a busy 2-core machine, a wait for a core). A batch
-//! is many small statements (one or two per write, each a lookup by key); here it costs
-//! one hand-off in and one answer out per caller. The statements change at most one row
-//! each and call no function, so SQLite runs them without a statement journal (a copy of
-//! each page before it is changed, which set-based statements reading the batch from JSON
-//! needed). PostgreSQL's group commit is the data plane's writer (`dataplane/writer.rs`)
-//! with `device_batch.rs`.
+//! every statement, every result and every row between that thread and its caller. A batch
+//! is many small statements (one or two per write, each a lookup by key); here it costs no
+//! hand-off at all. The statements change at most one row each and call no function, so
+//! SQLite runs them without a statement journal (a copy of each page before it is changed,
+//! which set-based statements reading the batch from JSON needed). PostgreSQL's group
+//! commit is the data plane's writer (`dataplane/writer.rs`) with `device_batch.rs`.
 //!
 //! Control-plane changes to one execution (CancelJobExecution, a CONTINUOUS job's member
 //! leaving: `Store::update_execution`) come this way too; the other writes go through
-//! sqlx's writer pool, and SQLite serializes the two connections' write transactions (the
-//! one that finds the database locked retries in SQLite's busy handler, for up to 10 s).
+//! sqlx's writer pool, and SQLite serializes the two connections' write transactions.
 
 use rusqlite::{Connection, TransactionBehavior, params};
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::device_batch::{Ends, carry_pending_lists};
@@ -39,31 +51,94 @@ use crate::store::{
 
 /// The most writes committed together.
 const MAX_BATCH: usize = 256;
+/// How long the blocking thread waits for the write lock another connection holds.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The log's length (in pages) past which a commit is followed by a checkpoint, on the
+/// blocking thread: the writer connections' automatic checkpoint (`WRITER_PRAGMAS`).
+const CHECKPOINT_FRAMES: i32 = 8192;
 
 type Outcomes = StoreResult<Vec<DeviceWriteOutcome>>;
 /// A caller's writes (applied in order, in one transaction) and where their outcomes go.
 type Request = (Vec<DeviceWrite>, oneshot::Sender<Outcomes>);
 
-/// The device-write connection's thread: requests go in, outcomes come back.
+/// The device-write connection and the writes waiting for it.
 pub(super) struct DeviceDb {
-    requests: Mutex<Option<mpsc::Sender<Request>>>,
-    /// Answered (dropped) once the thread has closed its connection.
-    closed: Mutex<Option<oneshot::Receiver<()>>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// `None` once the store is closed.
+    conn: Mutex<Option<Connection>>,
+    /// Each transaction committed (the background checkpoints follow it).
+    commits: Arc<AtomicU64>,
+    /// [`CHECKPOINT_FRAMES`] (smaller in tests).
+    checkpoint_frames: i32,
+    /// The checkpoints the blocking thread ran.
+    checkpoints: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    requests: VecDeque<Request>,
+    /// Who commits the waiting writes, if anybody does.
+    committer: Committer,
+    closed: bool,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Debug)]
+enum Committer {
+    #[default]
+    Nobody,
+    /// A caller, on the async runtime.
+    Caller,
+    /// The blocking thread: the database was locked, or the log is to be checkpointed.
+    Blocking,
+}
+
+/// Why the connection went to the blocking thread.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum HandOff {
+    /// Another connection holds the write lock (the batch is back at the queue's head).
+    Locked,
+    /// The log has grown past its checkpoint length.
+    Checkpoint,
 }
 
 fn gone() -> StoreError {
     StoreError::Invalid("the store is closed".into())
 }
 
+thread_local! {
+    /// The log's length (in pages) after this thread's last commit (SQLite's log hook).
+    static LOG_FRAMES: Cell<i32> = const { Cell::new(0) };
+}
+
+/// SQLite's log hook, called by the committing thread once a commit is in the log. It
+/// replaces the connection's automatic checkpoint: the checkpoint is run by the blocking
+/// thread instead (see [`HandOff::Checkpoint`]).
+fn log_written(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    LOG_FRAMES.set(frames);
+    Ok(())
+}
+
 impl DeviceDb {
     /// Opens the database file at `path` (its schema already migrated), through the SQLite
     /// VFS named `vfs` when there is one (the database URL's `?vfs=`, which the pools use
-    /// too), on a new thread, which counts each transaction it commits in `commits` (the
-    /// background checkpoints follow it).
+    /// too); each transaction it commits is counted in `commits`.
     pub(super) fn open(
         path: &Path,
         vfs: Option<&str>,
         commits: Arc<AtomicU64>,
+    ) -> StoreResult<Self> {
+        Self::open_checkpointing_at(path, vfs, commits, CHECKPOINT_FRAMES)
+    }
+
+    fn open_checkpointing_at(
+        path: &Path,
+        vfs: Option<&str>,
+        commits: Arc<AtomicU64>,
+        checkpoint_frames: i32,
     ) -> StoreResult<Self> {
         let flags =
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -71,39 +146,44 @@ impl DeviceDb {
             Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
             None => Connection::open_with_flags(path, flags)?,
         };
-        conn.busy_timeout(Duration::from_secs(10))?;
+        // Opening is off the runtime (the caller's `spawn_blocking`): it may wait.
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         // The writer pool's settings (WAL, commits not synced: the log is, at checkpoints;
-        // see `WRITER_PRAGMAS`).
+        // see `WRITER_PRAGMAS`), but the log hook instead of the automatic checkpoint.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; {WRITER_PRAGMAS}"
         ))?;
+        conn.wal_hook(Some(log_written));
+        conn.busy_timeout(Duration::ZERO)?;
         conn.set_prepared_statement_cache_capacity(32);
-        let (tx, rx) = mpsc::channel::<Request>();
-        let (closed_tx, closed_rx) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("updraft-sqlite-devices".into())
-            .spawn(move || {
-                serve(conn, &rx, &commits);
-                drop(closed_tx);
-            })
-            .map_err(|e| StoreError::Invalid(format!("cannot start the device writer: {e}")))?;
         Ok(DeviceDb {
-            requests: Mutex::new(Some(tx)),
-            closed: Mutex::new(Some(closed_rx)),
+            shared: Arc::new(Shared {
+                queue: Mutex::new(Queue::default()),
+                conn: Mutex::new(Some(conn)),
+                commits,
+                checkpoint_frames,
+                checkpoints: AtomicU64::new(0),
+            }),
         })
     }
 
     /// Applies `writes` in order in one transaction (with other callers' writes).
     pub(super) async fn write(&self, writes: &[DeviceWrite]) -> Outcomes {
         let (done, outcome) = oneshot::channel();
-        let sent = match self.requests.lock() {
-            Ok(requests) => requests
-                .as_ref()
-                .is_some_and(|r| r.send((writes.to_vec(), done)).is_ok()),
-            Err(_) => false,
+        let commits = {
+            let mut queue = self.shared.queue();
+            if queue.closed {
+                return Err(gone());
+            }
+            queue.requests.push_back((writes.to_vec(), done));
+            let commits = queue.committer == Committer::Nobody;
+            if commits {
+                queue.committer = Committer::Caller;
+            }
+            commits
         };
-        if !sent {
-            return Err(gone());
+        if commits {
+            Committing(Some(self.shared.clone())).run().await;
         }
         outcome.await.unwrap_or_else(|_| Err(gone()))
     }
@@ -111,172 +191,247 @@ impl DeviceDb {
     /// Stops taking writes; returns once those taken are answered and the connection is
     /// closed.
     pub(super) async fn close(&self) {
-        if let Ok(mut requests) = self.requests.lock() {
-            requests.take();
-        }
-        let closed = self.closed.lock().ok().and_then(|mut c| c.take());
-        if let Some(closed) = closed {
-            let _ = closed.await;
+        self.shared.queue().closed = true;
+        let shared = self.shared.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut conn = shared.conn();
+            if let Some(c) = conn.as_mut() {
+                shared.commit_waiting(c);
+            }
+            conn.take();
+            shared.fail_waiting();
+        });
+        if let Err(e) = closed.await {
+            tracing::error!(error = %e, "device writes: closing failed");
         }
     }
 }
 
-/// The connection's thread: batches of the requests waiting (see [`Pace`]), until the
-/// store closes.
-fn serve(mut conn: Connection, requests: &mpsc::Receiver<Request>, commits: &AtomicU64) {
-    let mut pace = Pace::default();
-    while let Some((mut batch, size)) = pace.next_batch(requests) {
+/// A caller committing the waiting writes. Dropped before the queue is empty (its own
+/// caller gave up: an HTTP client went away), it leaves a task to go on in its place.
+struct Committing(Option<Arc<Shared>>);
+
+impl Committing {
+    async fn run(&mut self) {
+        let Some(shared) = self.0.clone() else { return };
+        loop {
+            // The tasks ready on this thread run first: the writes they bring are committed
+            // with these.
+            tokio::task::yield_now().await;
+            let handed_off = {
+                let mut conn = shared.conn();
+                match conn.as_mut() {
+                    Some(c) => shared.commit_next(c),
+                    None => {
+                        shared.fail_waiting();
+                        None
+                    }
+                }
+            };
+            let mut queue = shared.queue();
+            if let Some(why) = handed_off {
+                queue.committer = Committer::Blocking;
+                drop(queue);
+                Shared::hand_off(&shared, why);
+                break;
+            }
+            if queue.requests.is_empty() {
+                queue.committer = Committer::Nobody;
+                break;
+            }
+        }
+        self.0 = None;
+    }
+}
+
+impl Drop for Committing {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move {
+                    Committing(Some(shared)).run().await;
+                })),
+                // No runtime to go on: whatever waits is answered (the store is going away).
+                Err(_) => shared.fail_waiting(),
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The queue (its lock is never held across anything that can panic).
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection: a panic while it was held left no transaction open (see
+    /// [`settle`], run after every failed batch), so it is used again.
+    fn conn(&self) -> MutexGuard<'_, Option<Connection>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection goes to a blocking thread (see the module's notes), which commits
+    /// what is waiting until the queue is empty.
+    fn hand_off(shared: &Arc<Shared>, why: HandOff) {
+        let shared = shared.clone();
+        let blocking = move || {
+            let mut conn = shared.conn();
+            if why == HandOff::Checkpoint
+                && let Some(c) = conn.as_ref()
+            {
+                shared.checkpoint(c);
+            }
+            loop {
+                match conn.as_mut() {
+                    Some(c) => shared.commit_waiting(c),
+                    None => shared.fail_waiting(),
+                }
+                // Checked and let go together: a write queued from here on finds nobody
+                // committing, and commits itself.
+                let mut queue = shared.queue();
+                if queue.requests.is_empty() {
+                    queue.committer = Committer::Nobody;
+                    break;
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(blocking)),
+            Err(_) => blocking(),
+        }
+    }
+
+    /// Copies the log back into the database, between the connection's transactions: the
+    /// checkpoint that lets the log start over (see `checkpoints` in `sql/mod.rs`).
+    fn checkpoint(&self, conn: &Connection) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "device writes: the log's checkpoint failed");
+        }
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers every waiting write: the store is closed.
+    fn fail_waiting(&self) {
+        let waiting = std::mem::take(&mut self.queue().requests);
+        for (_, done) in waiting {
+            let _ = done.send(Err(gone()));
+        }
+    }
+
+    /// The next batch: the writes waiting, up to [`MAX_BATCH`] (at least one request).
+    fn next_batch(&self) -> Vec<Request> {
+        let mut queue = self.queue();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        while let Some((writes, _)) = queue.requests.front() {
+            if size > 0 && size + writes.len() > MAX_BATCH {
+                break;
+            }
+            size += writes.len();
+            batch.extend(queue.requests.pop_front());
+        }
+        batch
+    }
+
+    /// On the async runtime: commits the next batch, never waiting for the database. What
+    /// the blocking thread must do next, if anything: a batch the lock held back is at the
+    /// head of the queue again.
+    fn commit_next(&self, conn: &mut Connection) -> Option<HandOff> {
+        let batch = self.next_batch();
+        if batch.is_empty() {
+            return None;
+        }
+        if let Err(batch) = self.commit(conn, batch, false) {
+            let mut queue = self.queue();
+            for request in batch.into_iter().rev() {
+                queue.requests.push_front(request);
+            }
+            return Some(HandOff::Locked);
+        }
+        (LOG_FRAMES.get() >= self.checkpoint_frames).then_some(HandOff::Checkpoint)
+    }
+
+    /// On the blocking thread: commits the waiting writes, batch after batch, until the
+    /// queue is empty, waiting up to [`BUSY_TIMEOUT`] for the database each time (and
+    /// checkpointing when the log has grown long).
+    fn commit_waiting(&self, conn: &mut Connection) {
+        if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+            tracing::warn!(error = %e, "device writes: cannot set the busy timeout");
+        }
+        loop {
+            let batch = self.next_batch();
+            if batch.is_empty() {
+                break;
+            }
+            // Nothing is given back when the commit may wait.
+            let _ = self.commit(conn, batch, true);
+            if LOG_FRAMES.get() >= self.checkpoint_frames {
+                LOG_FRAMES.set(0);
+                self.checkpoint(conn);
+            }
+        }
+        if let Err(e) = conn.busy_timeout(Duration::ZERO) {
+            tracing::warn!(error = %e, "device writes: cannot clear the busy timeout");
+        }
+    }
+
+    /// Commits `batch` and answers its callers. Unless the commit `may_wait` for the
+    /// database, a batch the database's lock held back is given back unanswered (its
+    /// callers answered so far stay answered).
+    fn commit(
+        &self,
+        conn: &mut Connection,
+        batch: Vec<Request>,
+        may_wait: bool,
+    ) -> Result<(), Vec<Request>> {
+        LOG_FRAMES.set(0);
+        let size: usize = batch.iter().map(|(w, _)| w.len()).sum();
         let writes: Vec<&DeviceWrite> = batch.iter().flat_map(|(w, _)| w).collect();
-        match apply(&mut conn, &writes, commits) {
+        let e = match apply(conn, &writes, &self.commits) {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 for (w, done) in batch {
                     let _ = done.send(Ok(outcomes.by_ref().take(w.len()).collect()));
                 }
+                return Ok(());
             }
-            Err(e) => {
-                settle(&conn);
-                match busy(&e) {
-                    // The database stayed locked for the whole busy timeout: writing singly
-                    // would wait that long again for each caller.
-                    Some((code, message)) => {
-                        tracing::warn!(error = %e, size, "device writes: the database is busy");
-                        for (_, done) in batch {
-                            let again = rusqlite::Error::SqliteFailure(code, message.clone());
-                            let _ = done.send(Err(again.into()));
+            Err(e) => e,
+        };
+        settle(conn);
+        match busy(&e) {
+            Some(_) if !may_wait => return Err(batch),
+            // The database stayed locked for the whole busy timeout: writing singly would
+            // wait that long again for each caller.
+            Some((code, message)) => {
+                tracing::warn!(error = %e, size, "device writes: the database is busy");
+                for (_, done) in batch {
+                    let again = rusqlite::Error::SqliteFailure(code, message.clone());
+                    let _ = done.send(Err(again.into()));
+                }
+            }
+            None if batch.len() > 1 => {
+                // One caller's write may be what failed: each gets its own outcome.
+                tracing::warn!(error = %e, size, "group commit failed; writing singly");
+                let mut rest = batch.into_iter();
+                while let Some((w, done)) = rest.next() {
+                    let writes: Vec<&DeviceWrite> = w.iter().collect();
+                    let outcome = apply(conn, &writes, &self.commits);
+                    if let Err(e) = &outcome {
+                        settle(conn);
+                        if !may_wait && busy(e).is_some() {
+                            return Err(std::iter::once((w, done)).chain(rest).collect());
                         }
                     }
-                    None if batch.len() > 1 => {
-                        // One caller's write may be what failed: each gets its own outcome.
-                        tracing::warn!(error = %e, size, "group commit failed; writing singly");
-                        for (w, done) in batch {
-                            let writes: Vec<&DeviceWrite> = w.iter().collect();
-                            let outcome = apply(&mut conn, &writes, commits);
-                            if outcome.is_err() {
-                                settle(&conn);
-                            }
-                            let _ = done.send(outcome);
-                        }
-                    }
-                    None => {
-                        if let Some((_, done)) = batch.pop() {
-                            let _ = done.send(Err(e));
-                        }
-                    }
+                    let _ = done.send(outcome);
+                }
+            }
+            None => {
+                if let Some((_, done)) = batch.into_iter().next() {
+                    let _ = done.send(Err(e));
                 }
             }
         }
-    }
-}
-
-/// How the device thread takes its writes into batches. Under load, the devices one batch
-/// answers send their next writes within tens of microseconds, while the thread is still
-/// delivering the answers; a thread that blocks at once on an empty queue is woken by the
-/// first of them and commits it nearly alone, and waking a thread whose core went idle
-/// costs ~40 µs on a virtual machine (a halted vCPU; 1–2 µs on a busy core), a wait every
-/// device then shares. So, while the last batch was large ([`BUSY`]: many devices writing
-/// at once; a lone device never waits):
-/// - after a batch, the thread polls for the next write for up to `linger` before it
-///   blocks;
-/// - a batch smaller than the last one waits up to `gather` for more: the writes of the
-///   devices the last batch answered are on their way.
-///
-/// A write that comes once the thread has blocked does not wait. The thread spins while it
-/// polls (checking its deadline each time): it does not yield, because `sched_yield` hands
-/// the core to any other runnable thread of the machine, however low its priority, for as
-/// long as the scheduler's slice, while this thread waits, runnable, behind it (with two
-/// `SCHED_IDLE` busy loops on the machine, `bench jobs --repeat 5` measured 33–38k
-/// updates/s when it yielded, 66–67k spinning). With one CPU nobody could send a write while the
-/// thread spins: it never polls. Under steady traffic of large batches less than
-/// `linger` apart the thread polls all along (its CPU time counts against a CPU quota).
-/// Measured in the ARCHITECTURE notes (device writes).
-struct Pace {
-    /// How many writes the last batch committed.
-    last: usize,
-    gather: Duration,
-    linger: Duration,
-}
-
-/// A batch at least this large means many devices write at once (see [`Pace`]).
-const BUSY: usize = 8;
-
-impl Default for Pace {
-    fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or_else(
-            |e| {
-                tracing::warn!(error = %e, "CPU count unknown: device writes are not paced");
-                1
-            },
-            usize::from,
-        );
-        Pace::for_cpus(cpus)
-    }
-}
-
-/// What polling the queue found.
-enum Polled {
-    Request(Request),
-    Nothing,
-    Closed,
-}
-
-impl Pace {
-    /// The pace on a machine (or under a CPU quota) of `cpus` CPUs: with one, no waits.
-    fn for_cpus(cpus: usize) -> Pace {
-        let (gather, linger) = if cpus > 1 {
-            (Duration::from_micros(300), Duration::from_micros(500))
-        } else {
-            (Duration::ZERO, Duration::ZERO)
-        };
-        Pace {
-            last: 0,
-            gather,
-            linger,
-        }
-    }
-
-    /// The next batch (at most [`MAX_BATCH`] writes) and its number of writes; `None` once
-    /// the store is closed and every request taken.
-    fn next_batch(&mut self, requests: &mpsc::Receiver<Request>) -> Option<(Vec<Request>, usize)> {
-        let busy = self.last >= BUSY;
-        // A write that comes after the poll ran out (the load has passed) does not wait.
-        let (first, busy) = match busy.then(|| poll_until(requests, Instant::now() + self.linger)) {
-            Some(Polled::Request(r)) => (r, true),
-            Some(Polled::Closed) => return None,
-            Some(Polled::Nothing) | None => (requests.recv().ok()?, false),
-        };
-        let want = if busy { self.last } else { 0 };
-        let mut size = first.0.len();
-        let mut batch = vec![first];
-        // `gather` counts from the first time the queue is found empty.
-        let mut until = None;
-        while size < MAX_BATCH {
-            let polled = match requests.try_recv() {
-                Ok(r) => Polled::Request(r),
-                Err(mpsc::TryRecvError::Empty) if size < want => poll_until(
-                    requests,
-                    *until.get_or_insert_with(|| Instant::now() + self.gather),
-                ),
-                Err(_) => break,
-            };
-            let Polled::Request(r) = polled else { break };
-            size += r.0.len();
-            batch.push(r);
-        }
-        self.last = size;
-        Some((batch, size))
-    }
-}
-
-/// Polls `requests` until `until`, spinning (see [`Pace`] on why it does not yield).
-fn poll_until(requests: &mpsc::Receiver<Request>, until: Instant) -> Polled {
-    loop {
-        match requests.try_recv() {
-            Ok(r) => return Polled::Request(r),
-            Err(mpsc::TryRecvError::Disconnected) => return Polled::Closed,
-            Err(mpsc::TryRecvError::Empty) if Instant::now() >= until => return Polled::Nothing,
-            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-        }
+        Ok(())
     }
 }
 
@@ -447,32 +602,60 @@ fn pending(conn: &Connection, thing: &str, limit: usize) -> StoreResult<Vec<JobE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::ScratchDir;
 
-    /// A request of one StartNext for `thing`, and its outcome's receiver.
-    fn request(thing: &str) -> (Request, oneshot::Receiver<Outcomes>) {
-        let (done, outcome) = oneshot::channel();
-        let write = DeviceWrite::StartNext {
-            thing: thing.to_owned(),
-            status_details: None,
-            now_ms: 0,
-        };
-        ((vec![write], done), outcome)
+    /// A migrated database file in `dir` holding one QUEUED execution for each of `things`,
+    /// and its device-write connection, checkpointing the log past `frames` pages.
+    fn database(dir: &ScratchDir, things: &[String], frames: i32) -> (DeviceDb, Arc<AtomicU64>) {
+        let path = dir.path().join("devices.db");
+        let conn = Connection::open(&path).expect("database");
+        conn.execute_batch("PRAGMA journal_mode=WAL").expect("WAL");
+        for (_, _, sql) in super::super::MIGRATIONS {
+            conn.execute_batch(&super::super::Dialect::Sqlite.schema(sql))
+                .expect("migration");
+        }
+        for t in things {
+            conn.execute(
+                "INSERT INTO job_executions (job_id, thing_name, execution_number, status, \
+                 force_canceled, status_details, queued_ms, updated_ms, version, \
+                 retry_attempt) VALUES ('job', ?1, 1, 'QUEUED', 0, '{}', 1, 1, 1, 0)",
+                params![t],
+            )
+            .expect("an execution");
+        }
+        let commits = Arc::new(AtomicU64::new(0));
+        let db = DeviceDb::open_checkpointing_at(&path, None, commits.clone(), frames)
+            .expect("device writes");
+        (db, commits)
     }
 
-    fn paced(last: usize, gather: Duration, linger: Duration) -> Pace {
-        Pace {
-            last,
-            gather,
-            linger,
+    fn things(count: usize) -> Vec<String> {
+        (0..count).map(|i| format!("thing-{i}")).collect()
+    }
+
+    /// A StartNext for `thing` at `now_ms`.
+    fn start_next(thing: &str, now_ms: i64) -> Vec<DeviceWrite> {
+        vec![DeviceWrite::StartNext {
+            thing: thing.to_owned(),
+            status_details: None,
+            now_ms,
+        }]
+    }
+
+    /// When the execution a StartNext answered with started (the time of the StartNext that
+    /// started it).
+    fn started(outcome: Outcomes) -> Option<i64> {
+        match outcome.expect("a committed write").pop() {
+            Some(DeviceWriteOutcome::Started(Some(e))) => e.started_ms,
+            other => panic!("not a started execution: {other:?}"),
         }
     }
 
-    fn things(batch: &[Request]) -> Vec<&str> {
-        batch
-            .iter()
-            .flat_map(|(w, _)| w)
-            .map(|w| w.thing())
-            .collect()
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     }
 
     /// What SQLite plans for `sql` on the migrated schema: one line per step.
@@ -528,111 +711,167 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_takes_every_waiting_write_up_to_the_cap() {
-        let (tx, rx) = mpsc::channel();
-        let mut receivers = Vec::new();
-        for i in 0..MAX_BATCH + 3 {
-            let (r, outcome) = request(&format!("t{i}"));
-            tx.send(r).expect("queue");
-            receivers.push(outcome);
-        }
-        let mut pace = Pace::default();
-        let (batch, size) = pace.next_batch(&rx).expect("a batch");
-        assert_eq!((batch.len(), size), (MAX_BATCH, MAX_BATCH));
-        assert_eq!(things(&batch)[..2], ["t0", "t1"]);
-        let (rest, size) = pace.next_batch(&rx).expect("the rest");
-        assert_eq!(size, 3);
-        assert_eq!(things(&rest), ["t256", "t257", "t258"]);
-    }
-
-    #[test]
-    fn after_a_large_batch_a_smaller_one_waits_for_the_writes_on_their_way() {
-        let (tx, rx) = mpsc::channel();
-        let mut pace = paced(20, Duration::from_secs(60), Duration::from_secs(60));
-        let sender = std::thread::spawn(move || {
-            let mut receivers = Vec::new();
-            for i in 0..20 {
-                let (r, outcome) = request(&format!("t{i}"));
-                tx.send(r).expect("queue");
-                receivers.push(outcome);
-                std::thread::sleep(Duration::from_millis(2));
+    fn writers_ready_together_share_one_commit() {
+        let dir = ScratchDir::new("combine");
+        let names = things(20);
+        let (db, commits) = database(&dir, &names, CHECKPOINT_FRAMES);
+        let db = Arc::new(db);
+        let outcomes = current_thread().block_on(async {
+            // All ready before any runs: the first to run commits, after letting the others
+            // queue their writes.
+            let tasks: Vec<_> = names
+                .iter()
+                .map(|t| {
+                    let (db, t) = (db.clone(), t.clone());
+                    tokio::spawn(async move { db.write(&start_next(&t, 2)).await })
+                })
+                .collect();
+            let mut outcomes = Vec::new();
+            for t in tasks {
+                outcomes.push(t.await.expect("a writer"));
             }
-            receivers
+            outcomes
         });
-        let (batch, size) = pace.next_batch(&rx).expect("a batch");
-        assert_eq!(size, 20, "{:?}", things(&batch));
-        drop(sender.join());
+        for outcome in outcomes {
+            assert_eq!(started(outcome), Some(2));
+        }
+        assert_eq!(commits.load(Ordering::Relaxed), 1);
     }
 
     #[test]
-    fn a_lone_writer_does_not_wait_and_waiting_is_bounded() {
-        let (tx, rx) = mpsc::channel();
-        // Not busy: one write waiting is a batch at once (the bounds would hold it a minute).
-        let mut pace = paced(BUSY - 1, Duration::from_secs(60), Duration::from_secs(60));
-        let (r, _a) = request("alone");
-        tx.send(r).expect("queue");
-        let started = Instant::now();
-        let (batch, _) = pace.next_batch(&rx).expect("a batch");
-        assert_eq!(things(&batch), ["alone"]);
-        assert!(started.elapsed() < Duration::from_secs(30), "it waited");
-        // Busy, with short bounds: fewer writes than last time still make a batch.
-        let mut pace = paced(50, Duration::from_millis(1), Duration::from_millis(1));
-        let (r, _b) = request("few");
-        tx.send(r).expect("queue");
-        let started = Instant::now();
-        let (batch, size) = pace.next_batch(&rx).expect("a batch");
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "it waited past its bound"
-        );
-        assert_eq!((things(&batch), size), (vec!["few"], 1));
-        assert_eq!(pace.last, 1, "the next batch is not held back");
-        // Closed: what was taken is answered, then the thread ends.
-        drop(tx);
-        assert!(pace.next_batch(&rx).is_none());
-    }
-
-    #[test]
-    fn with_one_cpu_the_thread_never_waits_for_more() {
-        let one = Pace::for_cpus(1);
-        assert_eq!((one.gather, one.linger), (Duration::ZERO, Duration::ZERO));
-        let two = Pace::for_cpus(2);
-        assert!(two.gather > Duration::ZERO && two.linger > Duration::ZERO);
-    }
-
-    #[test]
-    fn a_write_after_the_load_has_passed_does_not_wait() {
-        let (tx, rx) = mpsc::channel();
-        // The last batch was large, but nothing comes within `linger`: the thread blocks,
-        // and the write that wakes it is a batch at once (not held for `gather`).
-        let mut pace = paced(50, Duration::from_secs(60), Duration::from_millis(1));
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            let (r, outcome) = request("later");
-            tx.send(r).expect("queue");
-            (tx, outcome)
+    fn many_writers_on_two_threads_are_all_answered_in_their_own_order() {
+        let dir = ScratchDir::new("combine-mt");
+        let names = things(40);
+        let (db, commits) = database(&dir, &names, CHECKPOINT_FRAMES);
+        let db = Arc::new(db);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let answers = runtime.block_on(async {
+            let tasks: Vec<_> = names
+                .iter()
+                .map(|t| {
+                    let (db, t) = (db.clone(), t.clone());
+                    tokio::spawn(async move {
+                        // The first starts the thing's job, the second finds it started.
+                        let first = started(db.write(&start_next(&t, 2)).await);
+                        let second = started(db.write(&start_next(&t, 3)).await);
+                        (first, second)
+                    })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for t in tasks {
+                answers.push(t.await.expect("a writer"));
+            }
+            answers
         });
-        let started = Instant::now();
-        let (batch, size) = pace.next_batch(&rx).expect("a batch");
-        assert_eq!((things(&batch), size), (vec!["later"], 1));
-        assert!(started.elapsed() < Duration::from_secs(30), "it waited");
-        drop(sender.join());
+        assert!(
+            answers.iter().all(|a| *a == (Some(2), Some(2))),
+            "{answers:?}"
+        );
+        let commits = commits.load(Ordering::Relaxed);
+        assert!((1..=80).contains(&commits), "{commits} commits");
     }
 
     #[test]
-    fn closing_while_busy_answers_what_was_taken_then_ends() {
-        let (tx, rx) = mpsc::channel();
-        let mut pace = paced(50, Duration::from_secs(60), Duration::from_secs(60));
-        let (r, _a) = request("last");
-        tx.send(r).expect("queue");
-        drop(tx);
-        let started = Instant::now();
-        let (batch, _) = pace.next_batch(&rx).expect("the last batch");
-        assert_eq!(things(&batch), ["last"]);
-        assert!(pace.next_batch(&rx).is_none());
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "it waited on a closed queue"
-        );
+    fn a_committer_whose_caller_gives_up_leaves_one_in_its_place() {
+        let dir = ScratchDir::new("combine-cancel");
+        let names = things(2);
+        let (db, _) = database(&dir, &names, CHECKPOINT_FRAMES);
+        current_thread().block_on(async {
+            // Polled once (it queues its write, becomes the committer and lets other tasks
+            // run), then dropped.
+            let first = start_next(&names[0], 2);
+            let mut gave_up = Box::pin(db.write(&first));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(
+                gave_up.as_mut().poll(&mut cx).is_pending(),
+                "answered at once"
+            );
+            drop(gave_up);
+            // The next caller is answered, and the write of the one that gave up committed.
+            let second = start_next(&names[1], 3);
+            let next = tokio::time::timeout(Duration::from_secs(60), db.write(&second));
+            assert_eq!(started(next.await.expect("answered")), Some(3));
+            let again = db.write(&start_next(&names[0], 4)).await;
+            assert_eq!(started(again), Some(2), "the first write was not committed");
+        });
+    }
+
+    #[test]
+    fn while_another_connection_holds_the_database_the_runtime_goes_on() {
+        let dir = ScratchDir::new("combine-locked");
+        let names = things(1);
+        let (db, _) = database(&dir, &names, CHECKPOINT_FRAMES);
+        let other = Connection::open(dir.path().join("devices.db")).expect("another connection");
+        other
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("the write lock");
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _ = released.recv();
+            other.execute_batch("COMMIT").expect("commit");
+        });
+        current_thread().block_on(async {
+            let write = tokio::spawn({
+                let db = Arc::new(db);
+                let t = names[0].clone();
+                async move { (db.write(&start_next(&t, 2)).await, db) }
+            });
+            // The one runtime thread is not held by the waiting write: this task runs.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                !write.is_finished(),
+                "written while the database was locked"
+            );
+            release.send(()).expect("release");
+            let (outcome, db) = write.await.expect("the writer");
+            assert_eq!(started(outcome), Some(2));
+            // The blocking thread let go: the next write commits on the runtime again.
+            let next = db.write(&start_next(&names[0], 3)).await;
+            assert_eq!(started(next), Some(2));
+            assert_eq!(db.shared.queue().committer, Committer::Nobody);
+        });
+        holder.join().expect("holder");
+    }
+
+    #[test]
+    fn a_long_log_is_checkpointed_off_the_runtime_and_writes_go_on() {
+        let dir = ScratchDir::new("combine-checkpoint");
+        let names = things(30);
+        // Every commit that writes a page is past the mark.
+        let (db, commits) = database(&dir, &names, 1);
+        current_thread().block_on(async {
+            for t in &names {
+                assert_eq!(started(db.write(&start_next(t, 2)).await), Some(2));
+            }
+        });
+        assert_eq!(commits.load(Ordering::Relaxed), 30);
+        let checkpoints = db.shared.checkpoints.load(Ordering::Relaxed);
+        assert!(checkpoints >= 1, "no checkpoint");
+        // Nothing of the log is left to copy.
+        let check = Connection::open(dir.path().join("devices.db")).expect("connection");
+        let (log, copied): (i64, i64) = check
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })
+            .expect("checkpoint");
+        assert_eq!(log, copied);
+    }
+
+    #[test]
+    fn closing_answers_what_was_queued_then_refuses() {
+        let dir = ScratchDir::new("combine-close");
+        let names = things(1);
+        let (db, _) = database(&dir, &names, CHECKPOINT_FRAMES);
+        current_thread().block_on(async {
+            assert_eq!(started(db.write(&start_next(&names[0], 2)).await), Some(2));
+            db.close().await;
+            let refused = db.write(&start_next(&names[0], 3)).await;
+            assert!(matches!(refused, Err(StoreError::Invalid(m)) if m.contains("closed")));
+            assert!(db.shared.conn().is_none(), "the connection is still open");
+        });
     }
 }
