@@ -389,8 +389,9 @@ struct Timing {
     cpu: Option<Cpu>,
 }
 
-/// CPU time of the process's threads, and of its database threads (SQLite's connection
-/// threads: `updraft-sqlite-devices`, sqlx's workers).
+/// CPU time of the process's threads, and of its database threads (sqlx's SQLite connection
+/// threads; SQLite's device writes are committed on the async workers, and on a blocking
+/// thread when they wait, see `store/sql/sqlite_devices.rs`: not counted).
 #[derive(Clone, Copy, Default)]
 struct Cpu {
     all: Duration,
@@ -416,7 +417,7 @@ impl Threads {
                 continue;
             };
             let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            let database = name.starts_with("updraft-sqlite") || name.starts_with("sqlx-sqlite");
+            let database = name.starts_with("sqlx-sqlite");
             threads.insert(id, (Duration::from_nanos(used), database));
         }
         Some(Threads(threads))
