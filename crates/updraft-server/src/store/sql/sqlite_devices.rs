@@ -3,17 +3,16 @@
 //!
 //! Every device write is a small transaction, and SQLite serializes commits. So the writes
 //! wait in one queue, and the first caller to find nobody committing commits them (flat
-//! combining): it lets the tasks ready on its thread run once ([`tokio::task::yield_now`]:
-//! the devices the last batch answered send their next writes in that time), then commits
-//! every write waiting (up to [`MAX_BATCH`]) in one transaction and answers their callers;
-//! if writes came meanwhile, a task goes on in the same way until the queue is empty (see
-//! [`Committing`]). The others only wait for their answers. A commit's cost is shared by
-//! every device waiting on it, and a write is applied on a thread of the runtime, mostly
-//! the one that received it: no hand-off to another thread and back, each a wake-up of a
-//! thread (on a 2-core virtual machine, of a halted vCPU: tens of microseconds) and a wait
-//! for a core.
-//! Each caller still waits for its own write to be committed before its device is
-//! answered.
+//! combining): unless [`GATHER_BELOW`] writes already wait, it first lets the tasks ready
+//! on its thread run ([`tokio::task::yield_now`]: the devices the last batch answered send
+//! their next writes in that time); then it commits every write waiting (up to
+//! [`MAX_BATCH`]) in one transaction and answers their callers. If writes came meanwhile,
+//! a task goes on in the same way until the queue is empty (see [`Committing`]). The
+//! others only wait for their answers. A commit's cost is shared by every device waiting
+//! on it, and a write is applied on a thread of the runtime, mostly the one that received
+//! it: no hand-off to another thread and back, each a wake-up of a thread (on a 2-core
+//! virtual machine, of a halted vCPU: tens of microseconds) and a wait for a core. Each
+//! caller still waits for its own write to be committed before its device is answered.
 //!
 //! The connection never waits on the async runtime's threads: it has no busy timeout
 //! there, and it does not checkpoint the log itself. When another connection holds the
@@ -53,6 +52,9 @@ use crate::store::{
 
 /// The most writes committed together.
 const MAX_BATCH: usize = 256;
+/// A committer that finds fewer requests than this waiting lets the tasks ready on its
+/// thread run first, to commit their writes with them (see [`Committing`]).
+const GATHER_BELOW: usize = 8;
 /// How long the blocking thread waits for the write lock another connection holds.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The log's length (in pages) past which a commit is followed by a checkpoint, on the
@@ -229,9 +231,11 @@ impl Committing {
             return;
         };
         loop {
-            // The tasks ready on this thread run first: the writes they bring are committed
-            // with these.
-            tokio::task::yield_now().await;
+            // Fewer than `GATHER_BELOW` writes waiting: the tasks ready on this thread run
+            // first, and the writes they bring are committed with these.
+            if shared.queue().requests.len() < GATHER_BELOW {
+                tokio::task::yield_now().await;
+            }
             let handed_off = {
                 let mut conn = shared.conn();
                 match conn.as_mut() {
