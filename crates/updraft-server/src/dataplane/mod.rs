@@ -59,11 +59,12 @@ pub struct DataPlane {
     /// database one read per [`METADATA_TTL`].
     /// Each with the time (ms) it was read.
     jobs: Recent<String, (i64, Arc<Job>)>,
-    /// Each device's executions as this server last wrote or read them, by (thing, job).
-    /// Only a starting point for UpdateJobExecution's read-modify-write: the write checks
-    /// the stored version, so a stale entry costs a retry from the store, never a wrong
-    /// answer (and an error found against it is checked again against the store).
-    executions: Mutex<HashMap<(String, String), JobExecution>>,
+    /// Each device's executions as this server last wrote or read them, by thing (a few
+    /// each: looked up by `&str`, no key to allocate per request), then job. Only a
+    /// starting point for UpdateJobExecution's read-modify-write: the write checks the
+    /// stored version, so a stale entry costs a retry from the store, never a wrong answer
+    /// (and an error found against it is checked again against the store).
+    executions: Mutex<HashMap<String, Vec<JobExecution>>>,
 }
 
 /// Values read from the store, served from memory while younger than [`METADATA_TTL`].
@@ -223,8 +224,10 @@ impl<K: Hash + Eq, V: Clone> Recent<K, V> {
 /// written by another.
 const CLOCK_SKEW_MS: i64 = 1_000;
 
-/// Executions the cache holds before it starts over (it is only a starting point).
-const MAX_CACHED_EXECUTIONS: usize = 200_000;
+/// Things the execution cache holds before it starts over (it is only a starting point),
+/// and executions it holds per thing (the oldest out first).
+const MAX_CACHED_THINGS: usize = 200_000;
+const MAX_CACHED_PER_THING: usize = 8;
 
 /// (bucket, key, version id) of an object version.
 type ObjectRef = (String, String, String);
@@ -363,31 +366,47 @@ impl DataPlane {
         execution_number: Option<i64>,
     ) -> Option<JobExecution> {
         let m = self.executions.lock().ok()?;
-        let e = m.get(&(thing.to_owned(), job_id.to_owned()))?;
+        let e = m.get(thing)?.iter().find(|e| e.job_id == job_id)?;
         execution_number
             .is_none_or(|n| n == e.execution_number)
             .then(|| e.clone())
     }
 
     fn remember_execution(&self, e: &JobExecution) {
+        if e.status.is_terminal() {
+            // Nothing more will be written to it by its device.
+            self.forget_execution(&e.thing_name, &e.job_id);
+            return;
+        }
         let Ok(mut m) = self.executions.lock() else {
             return;
         };
-        let key = (e.thing_name.clone(), e.job_id.clone());
-        if e.status.is_terminal() {
-            // Nothing more will be written to it by its device.
-            m.remove(&key);
-            return;
-        }
-        if m.len() >= MAX_CACHED_EXECUTIONS {
+        if m.len() >= MAX_CACHED_THINGS && !m.contains_key(&e.thing_name) {
             m.clear();
         }
-        m.insert(key, e.clone());
+        let Some(list) = m.get_mut(&e.thing_name) else {
+            m.insert(e.thing_name.clone(), vec![e.clone()]);
+            return;
+        };
+        match list.iter_mut().find(|c| c.job_id == e.job_id) {
+            Some(cached) => cached.clone_from(e),
+            None => {
+                if list.len() >= MAX_CACHED_PER_THING {
+                    list.remove(0);
+                }
+                list.push(e.clone());
+            }
+        }
     }
 
     pub fn forget_execution(&self, thing: &str, job_id: &str) {
-        if let Ok(mut m) = self.executions.lock() {
-            m.remove(&(thing.to_owned(), job_id.to_owned()));
+        if let Ok(mut m) = self.executions.lock()
+            && let Some(list) = m.get_mut(thing)
+        {
+            list.retain(|c| c.job_id != job_id);
+            if list.is_empty() {
+                m.remove(thing);
+            }
         }
     }
 
@@ -961,6 +980,46 @@ mod tests {
         // Nothing is left behind for later callers to wait on.
         assert!(loading.reads.lock().is_ok_and(|r| r.is_empty()));
         assert_eq!(loading.run("k", fast).await.as_deref(), Ok(&b"fast"[..]));
+    }
+
+    #[test]
+    fn the_execution_cache_keeps_each_things_open_executions() {
+        use updraft_protocol::ExecutionStatus;
+        let plane = DataPlane::default();
+        let mut a = JobExecution::queued("job-a", "t1", 1);
+        a.status = ExecutionStatus::InProgress;
+        a.version = 2;
+        plane.remember_execution(&a);
+        plane.remember_execution(&JobExecution::queued("job-b", "t1", 1));
+        plane.remember_execution(&JobExecution::queued("job-a", "t2", 1));
+        let version = |thing, job| plane.cached_execution(thing, job, None).map(|e| e.version);
+        assert_eq!(version("t1", "job-a"), Some(2));
+        assert_eq!(version("t1", "job-b"), Some(1));
+        assert_eq!(version("t2", "job-a"), Some(1));
+        assert_eq!(version("t2", "job-b"), None);
+        assert!(
+            plane.cached_execution("t1", "job-a", Some(2)).is_none(),
+            "other number"
+        );
+        // A newer copy replaces the old; an ended execution leaves.
+        a.version = 3;
+        plane.remember_execution(&a);
+        assert_eq!(version("t1", "job-a"), Some(3));
+        a.status = ExecutionStatus::Succeeded;
+        plane.remember_execution(&a);
+        assert_eq!(version("t1", "job-a"), None);
+        assert_eq!(version("t1", "job-b"), Some(1));
+        // A thing holds a bounded number, the oldest out first.
+        for i in 0..MAX_CACHED_PER_THING {
+            plane.remember_execution(&JobExecution::queued(&format!("job-{i}"), "t3", 1));
+        }
+        plane.remember_execution(&JobExecution::queued("job-last", "t3", 1));
+        assert_eq!(version("t3", "job-0"), None);
+        assert_eq!(version("t3", "job-1"), Some(1));
+        assert_eq!(version("t3", "job-last"), Some(1));
+        plane.forget_execution("t2", "job-a");
+        assert_eq!(version("t2", "job-a"), None);
+        assert!(plane.executions.lock().is_ok_and(|m| !m.contains_key("t2")));
     }
 
     #[test]

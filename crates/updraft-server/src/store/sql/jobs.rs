@@ -438,9 +438,19 @@ impl JobStore for SqlStore {
 
     async fn device_writes(&self, writes: &[DeviceWrite]) -> StoreResult<Vec<DeviceWriteOutcome>> {
         match &self.devices {
-            Some(db) => db.write(writes).await,
+            Some(db) => db.write(writes.to_vec()).await,
             None => self.device_batch(writes).await,
         }
+    }
+
+    async fn device_write(&self, write: DeviceWrite) -> StoreResult<DeviceWriteOutcome> {
+        let mut outcomes = match &self.devices {
+            Some(db) => db.write(vec![write]).await?,
+            None => self.device_batch(std::slice::from_ref(&write)).await?,
+        };
+        outcomes
+            .pop()
+            .ok_or_else(|| StoreError::Invalid("the store answered no outcome".into()))
     }
 
     async fn delete_execution(

@@ -172,14 +172,14 @@ impl DeviceDb {
     }
 
     /// Applies `writes` in order in one transaction (with other callers' writes).
-    pub(super) async fn write(&self, writes: &[DeviceWrite]) -> Outcomes {
+    pub(super) async fn write(&self, writes: Vec<DeviceWrite>) -> Outcomes {
         let (done, outcome) = oneshot::channel();
         let commits = {
             let mut queue = self.shared.queue();
             if queue.closed {
                 return Err(gone());
             }
-            queue.requests.push_back((writes.to_vec(), done));
+            queue.requests.push_back((writes, done));
             let commits = queue.committer == Committer::Nobody;
             if commits {
                 queue.committer = Committer::Caller;
@@ -749,7 +749,7 @@ mod tests {
                 .map(|t| {
                     let (db, commits, t) = (db.clone(), commits.clone(), t.clone());
                     tokio::spawn(async move {
-                        let outcome = started(db.write(&start_next(&t, 2)).await);
+                        let outcome = started(db.write(start_next(&t, 2)).await);
                         (outcome, commits.load(Ordering::Relaxed))
                     })
                 })
@@ -766,7 +766,7 @@ mod tests {
     /// its caller, committing, has yielded.
     fn queued<'a>(
         db: &'a DeviceDb,
-        writes: &'a [DeviceWrite],
+        writes: Vec<DeviceWrite>,
     ) -> std::pin::Pin<Box<impl std::future::Future<Output = Outcomes> + 'a>> {
         let mut write = Box::pin(db.write(writes));
         let polled = write
@@ -877,8 +877,8 @@ mod tests {
                     let (db, t) = (db.clone(), t.clone());
                     tokio::spawn(async move {
                         // The first starts the thing's job, the second finds it started.
-                        let first = started(db.write(&start_next(&t, 2)).await);
-                        let second = started(db.write(&start_next(&t, 3)).await);
+                        let first = started(db.write(start_next(&t, 2)).await);
+                        let second = started(db.write(start_next(&t, 3)).await);
                         (first, second)
                     })
                 })
@@ -907,12 +907,11 @@ mod tests {
         within_a_minute(&current_thread(), async {
             // Polled once (it queues its write, becomes the committer and lets other tasks
             // run), then dropped.
-            let first = start_next(&names[0], 2);
-            drop(queued(&db, &first));
+            drop(queued(&db, start_next(&names[0], 2)));
             // The next caller is answered, and the write of the one that gave up committed.
             let second = start_next(&names[1], 3);
-            assert_eq!(started(db.write(&second).await), Some(3));
-            let again = db.write(&start_next(&names[0], 4)).await;
+            assert_eq!(started(db.write(second).await), Some(3));
+            let again = db.write(start_next(&names[0], 4)).await;
             assert_eq!(started(again), Some(2), "the first write was not committed");
         });
     }
@@ -935,7 +934,7 @@ mod tests {
             let write = tokio::spawn({
                 let db = Arc::new(db);
                 let t = names[0].clone();
-                async move { (db.write(&start_next(&t, 2)).await, db) }
+                async move { (db.write(start_next(&t, 2)).await, db) }
             });
             // The one runtime thread is not held by the waiting write: this task runs.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -951,7 +950,7 @@ mod tests {
             while db.shared.queue().committer != Committer::Nobody {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let next = db.write(&start_next(&names[0], 3)).await;
+            let next = db.write(start_next(&names[0], 3)).await;
             assert_eq!(started(next), Some(2));
             assert_eq!(db.shared.queue().committer, Committer::Nobody);
         });
@@ -967,7 +966,7 @@ mod tests {
             let (db, commits) = database(&dir, &names, frames);
             within_a_minute(&current_thread(), async {
                 for t in &names {
-                    assert_eq!(started(db.write(&start_next(t, 2)).await), Some(2));
+                    assert_eq!(started(db.write(start_next(t, 2)).await), Some(2));
                 }
             });
             assert_eq!(commits.load(Ordering::Relaxed), 30);
@@ -994,12 +993,11 @@ mod tests {
         within_a_minute(&current_thread(), async {
             // Polled once: the write is queued, its caller committing lets others run; the
             // store closes with the write waiting.
-            let write = start_next(&names[0], 2);
-            let waiting = queued(&db, &write);
+            let waiting = queued(&db, start_next(&names[0], 2));
             assert_eq!(db.shared.queue().requests.len(), 1, "nothing waiting");
             db.close().await;
             assert_eq!(started(waiting.await), Some(2));
-            let refused = db.write(&start_next(&names[0], 3)).await;
+            let refused = db.write(start_next(&names[0], 3)).await;
             assert!(matches!(refused, Err(StoreError::Invalid(m)) if m.contains("closed")));
             assert!(db.shared.conn().is_none(), "the connection is still open");
         });
