@@ -241,9 +241,7 @@ fn device_authorizer(state: &AppState) -> Authorizer {
 /// requests go there, and no one else's.
 const LANE_QUEUE: usize = 1024;
 
-/// Data-plane workers behind an external broker (whose one client connection brings every
-/// device's requests; the embedded broker's sessions handle their own device's requests,
-/// see `mqtt::Lanes`): each handles its devices' requests in order, one at a time, so a
+/// Data-plane workers: each handles its devices' requests in order, one at a time, so a
 /// device that shares a worker waits for the other's group commit. Many workers (cheap
 /// idle tasks) keep devices apart and the commits full: 64 gave 100 devices batches of
 /// ~15 and half the throughput; with 1,024, a few of 100 devices still shared a worker
@@ -321,7 +319,7 @@ impl Server {
             region: config.region.clone(),
         });
 
-        crate::dataplane::start(&state);
+        let (inbound_tx, inbound_rx) = crate::mqtt::Lanes::new(DATA_PLANE_WORKERS, LANE_QUEUE);
         let mut mqtt_addr = None;
         let mut mqtts_addr = None;
         let mut endpoints = serde_json::json!({ "http": format!("http://{http_addr}") });
@@ -335,8 +333,6 @@ impl Server {
                     .filter(|g| !g.is_empty()),
             )
             .map_err(|e| ServeError::Broker(e.to_string()))?;
-            let (inbound_tx, inbound_rx) = crate::mqtt::Lanes::new(DATA_PLANE_WORKERS, LANE_QUEUE);
-            crate::dataplane::spawn_workers(state.clone(), inbound_rx, config.device_rate_limit);
             let bus = ExternalBus::connect(target, inbound_tx);
             state.data_plane.set_bus(Arc::new(bus));
             endpoints["mqtt"] = serde_json::Value::String(url.clone());
@@ -348,9 +344,7 @@ impl Server {
                 .local_addr()
                 .map_err(|source| ServeError::Bind { addr, source })?;
             let authorize = device_authorizer(&state);
-            let requests =
-                crate::dataplane::inline_requests(state.clone(), config.device_rate_limit);
-            let broker = Broker::new(BrokerConfig::default(), authorize, requests);
+            let broker = Broker::new(BrokerConfig::default(), authorize, inbound_tx);
             tokio::spawn(broker.clone().serve_tcp(listener));
             endpoints["mqtt"] = serde_json::Value::String(format!("mqtt://{bound}"));
             mqtt_addr = Some(bound);
@@ -376,6 +370,7 @@ impl Server {
             }
             state.data_plane.set_bus(Arc::new(broker));
         }
+        crate::dataplane::spawn_workers(state.clone(), inbound_rx, config.device_rate_limit);
         write_private(&dir.join("endpoints.json"), &format!("{endpoints:#}\n"))?;
         tracing::info!(%http_addr, mqtt = ?mqtt_addr, database = %redact(&config.database), artifacts = ?state.artifacts, "updraft is listening");
         let signing = crate::signer::jobs::resume_pending(&state).await?;

@@ -568,67 +568,42 @@ async fn reflection(port: u16, things: &[String], count: usize) -> anyhow::Resul
 }
 
 /// The raw request/response the Jobs API is measured against: a second embedded broker
-/// (the same code, authorizing anyone) whose device requests go, as the Jobs API's do, to
-/// a handler in the session that read them, which answers each at once with a recorded Jobs
-/// answer of its kind (`started` for start-next, `updated` for an update). The devices run
-/// the very same requests as against the Jobs API, so topics, sizes and order are the same;
-/// what is left out is exactly the Jobs API's own work.
+/// (the same code, authorizing anyone) whose device requests go to an in-process responder
+/// that answers each at once with a recorded Jobs answer of its kind (`started` for
+/// start-next, `updated` for an update). The devices run the very same requests as against
+/// the Jobs API, so topics, sizes and order are the same; what is left out is exactly the
+/// Jobs API's own work.
 async fn request_response(
     things: &[String],
     rounds: usize,
     started: Bytes,
     updated: Bytes,
 ) -> anyhow::Result<Timing> {
-    use std::sync::{Arc, Mutex};
+    use updraft_server::mqtt::MessageBus;
     use updraft_server::mqtt::broker::{Authorizer, Broker, BrokerConfig};
-    use updraft_server::mqtt::{Handler, Inbound, Lanes, MessageBus};
-    /// Answers on the broker it is given once that exists (and let go of at the end: the
-    /// broker holds the handler).
-    struct Echo {
-        broker: Mutex<Option<Broker>>,
-        started: Bytes,
-        updated: Bytes,
-    }
-    impl Handler for Echo {
-        fn handle(
-            &self,
-            m: Inbound,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-            let answer = if m.topic.ends_with("/start-next") {
-                self.started.clone()
-            } else {
-                self.updated.clone()
-            };
-            if let Ok(broker) = self.broker.lock()
-                && let Some(broker) = broker.as_ref()
-            {
-                broker.send_to(&m.client_id, format!("{}/accepted", m.topic), answer);
-            }
-            Box::pin(std::future::ready(()))
-        }
-    }
-    let echo = Arc::new(Echo {
-        broker: Mutex::new(None),
-        started,
-        updated,
-    });
-    let anyone: Authorizer = Arc::new(|_| Box::pin(async { true }));
-    let broker = Broker::new(BrokerConfig::default(), anyone, Lanes::inline(echo.clone()));
-    if let Ok(mut slot) = echo.broker.lock() {
-        *slot = Some(broker.clone());
-    }
+    let (inbound_tx, mut inbound) = mpsc::channel::<updraft_server::mqtt::Inbound>(8192);
+    let anyone: Authorizer = std::sync::Arc::new(|_| Box::pin(async { true }));
+    let broker = Broker::new(BrokerConfig::default(), anyone, inbound_tx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let server = tokio::spawn(broker.serve_tcp(listener));
+    let server = tokio::spawn(broker.clone().serve_tcp(listener));
+    let responder = tokio::spawn(async move {
+        while let Some(m) = inbound.recv().await {
+            let answer = if m.topic.ends_with("/start-next") {
+                started.clone()
+            } else {
+                updated.clone()
+            };
+            broker.send_to(&m.client_id, format!("{}/accepted", m.topic), answer);
+        }
+    });
     // The same warm-up as the Jobs API's.
     let measured = match work_jobs(port, things, 1).await {
         Ok(_) => work_jobs(port, things, rounds).await,
         Err(e) => Err(e),
     };
     server.abort();
-    if let Ok(mut slot) = echo.broker.lock() {
-        slot.take();
-    }
+    responder.abort();
     Ok(measured?.0)
 }
 

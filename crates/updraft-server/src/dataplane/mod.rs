@@ -667,10 +667,11 @@ pub struct Presigner {
     pub region: String,
 }
 
-/// Starts what handling device requests (over MQTT or HTTP) needs: the group-commit
-/// writer, for a store that does not group device writes itself.
-pub fn start(state: &AppState) {
-    if !state.store.group_commits() && state.data_plane.writer.get().is_none() {
+/// Consumes device requests: one task per lane (see [`crate::mqtt::Lanes`]), each handling
+/// its devices' requests in order. Each device may make `rate` requests per second,
+/// sustained (0: no limit).
+pub fn spawn_workers(state: AppState, lanes: Vec<mpsc::Receiver<Inbound>>, rate: f64) {
+    if !state.store.group_commits() {
         match writer::DeviceWriter::spawn(state.store.clone()) {
             Ok(w) => {
                 let _ = state.data_plane.writer.set(w);
@@ -680,12 +681,6 @@ pub fn start(state: &AppState) {
             }
         }
     }
-}
-
-/// Consumes device requests: one task per lane (see [`crate::mqtt::Lanes`]), each handling
-/// its devices' requests in order. Each device may make `rate` requests per second,
-/// sustained (0: no limit).
-pub fn spawn_workers(state: AppState, lanes: Vec<mpsc::Receiver<Inbound>>, rate: f64) {
     for mut rx in lanes {
         let state = state.clone();
         tokio::spawn(async move {
@@ -699,55 +694,6 @@ pub fn spawn_workers(state: AppState, lanes: Vec<mpsc::Receiver<Inbound>>, rate:
                 }
             }
         });
-    }
-}
-
-/// Device requests handled in the task that reads them (the embedded broker's sessions,
-/// see [`crate::mqtt::Lanes::inline`]), each device making up to `rate` requests per
-/// second, sustained (0: no limit).
-pub fn inline_requests(state: AppState, rate: f64) -> crate::mqtt::Lanes {
-    let shards = (0..LIMITER_SHARDS)
-        .map(|_| Mutex::new(RateLimiter::new(rate)))
-        .collect();
-    crate::mqtt::Lanes::inline(Arc::new(Inline { state, shards }))
-}
-
-/// The device buckets of inline handling, in shards by client id: the sessions of
-/// different devices seldom wait on the same lock. A device's bucket outlives its
-/// connection (reconnecting does not refill it).
-const LIMITER_SHARDS: usize = 64;
-
-struct Inline {
-    state: AppState,
-    shards: Box<[Mutex<RateLimiter>]>,
-}
-
-impl Inline {
-    fn allow(&self, client: &str) -> bool {
-        use std::hash::Hasher;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        client.hash(&mut h);
-        let shard = usize::try_from(h.finish() % LIMITER_SHARDS as u64).unwrap_or(0);
-        match self.shards.get(shard).map(Mutex::lock) {
-            Some(Ok(mut limiter)) => limiter.allow(client, Instant::now()),
-            // A shard whose lock was poisoned limits nobody.
-            _ => true,
-        }
-    }
-}
-
-impl crate::mqtt::Handler for Inline {
-    fn handle(
-        &self,
-        msg: Inbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            if self.allow(&msg.client_id) {
-                handle(&self.state, msg).await;
-            } else {
-                throttled(&self.state, &msg);
-            }
-        })
     }
 }
 

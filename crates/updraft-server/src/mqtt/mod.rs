@@ -19,31 +19,12 @@ pub struct Inbound {
     pub payload: Bytes,
 }
 
-/// Where device requests go, so that one device's requests are handled in order and
-/// different devices' in parallel:
-/// - queues ("lanes", [`Lanes::new`]), one chosen by client id and served by a task of its
-///   own: for the external broker's client, which receives every device's requests on one
-///   connection. A full lane slows only the devices whose requests go there.
-/// - or the task that read the request ([`Lanes::inline`]): for the embedded broker, whose
-///   sessions each serve one device. The session handles its device's requests one after
-///   another, and a slow request slows only that device's reads; no hand-off to another
-///   task and back per request (a wake-up each).
+/// Where device requests go: one of several queues, chosen by client id, so that one
+/// device's requests are handled in order and different devices' in parallel. The broker
+/// (or the external broker's client) hands each request straight to its device's queue;
+/// a full queue slows only the devices whose requests go there.
 #[derive(Clone)]
-pub struct Lanes(Route);
-
-#[derive(Clone)]
-enum Route {
-    Queues(std::sync::Arc<[tokio::sync::mpsc::Sender<Inbound>]>),
-    Inline(std::sync::Arc<dyn Handler>),
-}
-
-/// Handles a device request in the caller's task ([`Lanes::inline`]).
-pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        msg: Inbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
-}
+pub struct Lanes(std::sync::Arc<[tokio::sync::mpsc::Sender<Inbound>]>);
 
 /// The server no longer takes device requests.
 #[derive(Debug)]
@@ -58,51 +39,35 @@ impl Lanes {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
             .map(|_| tokio::sync::mpsc::channel(capacity))
             .unzip();
-        (Lanes(Route::Queues(senders.into())), receivers)
+        (Lanes(senders.into()), receivers)
     }
 
-    /// Requests handled by `handler` in the task that hands them over.
-    pub fn inline(handler: std::sync::Arc<dyn Handler>) -> Lanes {
-        Lanes(Route::Inline(handler))
-    }
-
-    /// Hands `msg` to its device's lane, waiting while that lane is full; or handles it
-    /// here.
+    /// Hands `msg` to its device's lane, waiting while that lane is full.
     pub async fn send(&self, msg: Inbound) -> Result<(), LanesClosed> {
         use std::hash::{Hash, Hasher};
-        let lanes = match &self.0 {
-            Route::Queues(lanes) => lanes,
-            Route::Inline(handler) => {
-                handler.handle(msg).await;
-                return Ok(());
-            }
-        };
-        let lane = if lanes.len() == 1 {
+        let lane = if self.0.len() == 1 {
             0
         } else {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             msg.client_id.hash(&mut h);
-            usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
+            usize::try_from(h.finish() % self.0.len() as u64).unwrap_or(0)
         };
-        match lanes.get(lane) {
+        match self.0.get(lane) {
             Some(tx) => tx.send(msg).await.map_err(|_| LanesClosed),
             None => Err(LanesClosed),
         }
     }
 
-    /// Whether every lane's receiver is gone (a handler never is).
+    /// Whether every lane's receiver is gone.
     pub fn is_closed(&self) -> bool {
-        match &self.0 {
-            Route::Queues(lanes) => lanes.iter().all(|tx| tx.is_closed()),
-            Route::Inline(_) => false,
-        }
+        self.0.iter().all(|tx| tx.is_closed())
     }
 }
 
 /// One lane: every request goes to `tx`.
 impl From<tokio::sync::mpsc::Sender<Inbound>> for Lanes {
     fn from(tx: tokio::sync::mpsc::Sender<Inbound>) -> Self {
-        Lanes(Route::Queues(std::sync::Arc::from([tx])))
+        Lanes(std::sync::Arc::from([tx]))
     }
 }
 
@@ -165,41 +130,6 @@ mod lane_tests {
         drop(receivers);
         assert!(lanes.is_closed());
         assert!(lanes.send(request("thing-0", 9)).await.is_err());
-    }
-
-    #[tokio::test]
-    async fn an_inline_handler_handles_each_request_before_send_returns() {
-        struct Record(std::sync::Mutex<Vec<(String, u8)>>);
-        impl Handler for Record {
-            fn handle(
-                &self,
-                msg: Inbound,
-            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-                Box::pin(async move {
-                    tokio::task::yield_now().await;
-                    if let Ok(mut seen) = self.0.lock() {
-                        seen.push((msg.client_id, msg.payload[0]));
-                    }
-                })
-            }
-        }
-        let record = std::sync::Arc::new(Record(std::sync::Mutex::new(Vec::new())));
-        let lanes = Lanes::inline(record.clone());
-        for (client, n) in [("a", 1), ("b", 2), ("a", 3)] {
-            lanes.send(request(client, n)).await.expect("handled");
-            let seen = record.0.lock().map(|s| s.len()).unwrap_or(0);
-            assert_eq!(seen, usize::from(n), "not handled before send returned");
-        }
-        let seen = record.0.lock().map(|s| s.clone()).unwrap_or_default();
-        assert_eq!(
-            seen,
-            [
-                ("a".to_owned(), 1),
-                ("b".to_owned(), 2),
-                ("a".to_owned(), 3)
-            ]
-        );
-        assert!(!lanes.is_closed());
     }
 
     #[tokio::test]
