@@ -64,7 +64,15 @@ pub struct DataPlane {
     /// starting point for UpdateJobExecution's read-modify-write: the write checks the
     /// stored version, so a stale entry costs a retry from the store, never a wrong answer
     /// (and an error found against it is checked again against the store).
-    executions: Mutex<HashMap<String, Vec<JobExecution>>>,
+    executions: Mutex<ExecutionCache>,
+}
+
+/// See `DataPlane::executions`.
+#[derive(Default)]
+struct ExecutionCache {
+    by_thing: HashMap<String, Vec<JobExecution>>,
+    /// Executions held, over every thing.
+    count: usize,
 }
 
 /// Values read from the store, served from memory while younger than [`METADATA_TTL`].
@@ -224,9 +232,9 @@ impl<K: Hash + Eq, V: Clone> Recent<K, V> {
 /// written by another.
 const CLOCK_SKEW_MS: i64 = 1_000;
 
-/// Things the execution cache holds before it starts over (it is only a starting point),
-/// and executions it holds per thing (the oldest out first).
-const MAX_CACHED_THINGS: usize = 200_000;
+/// Executions the cache holds before it starts over (it is only a starting point), and
+/// executions it holds per thing (the oldest out first).
+const MAX_CACHED_EXECUTIONS: usize = 200_000;
 const MAX_CACHED_PER_THING: usize = 8;
 
 /// (bucket, key, version id) of an object version.
@@ -366,7 +374,7 @@ impl DataPlane {
         execution_number: Option<i64>,
     ) -> Option<JobExecution> {
         let m = self.executions.lock().ok()?;
-        let e = m.get(thing)?.iter().find(|e| e.job_id == job_id)?;
+        let e = m.by_thing.get(thing)?.iter().find(|e| e.job_id == job_id)?;
         execution_number
             .is_none_or(|n| n == e.execution_number)
             .then(|| e.clone())
@@ -381,31 +389,38 @@ impl DataPlane {
         let Ok(mut m) = self.executions.lock() else {
             return;
         };
-        if m.len() >= MAX_CACHED_THINGS && !m.contains_key(&e.thing_name) {
-            m.clear();
+        if m.count >= MAX_CACHED_EXECUTIONS {
+            *m = ExecutionCache::default();
         }
-        let Some(list) = m.get_mut(&e.thing_name) else {
-            m.insert(e.thing_name.clone(), vec![e.clone()]);
+        let m = &mut *m;
+        let Some(list) = m.by_thing.get_mut(&e.thing_name) else {
+            m.by_thing.insert(e.thing_name.clone(), vec![e.clone()]);
+            m.count += 1;
             return;
         };
-        match list.iter_mut().find(|c| c.job_id == e.job_id) {
-            Some(cached) => cached.clone_from(e),
-            None => {
-                if list.len() >= MAX_CACHED_PER_THING {
-                    list.remove(0);
-                }
-                list.push(e.clone());
-            }
+        if let Some(cached) = list.iter_mut().find(|c| c.job_id == e.job_id) {
+            cached.clone_from(e);
+            return;
         }
+        if list.len() >= MAX_CACHED_PER_THING {
+            list.remove(0);
+        } else {
+            m.count += 1;
+        }
+        list.push(e.clone());
     }
 
     pub fn forget_execution(&self, thing: &str, job_id: &str) {
-        if let Ok(mut m) = self.executions.lock()
-            && let Some(list) = m.get_mut(thing)
-        {
+        let Ok(mut m) = self.executions.lock() else {
+            return;
+        };
+        let m = &mut *m;
+        if let Some(list) = m.by_thing.get_mut(thing) {
+            let before = list.len();
             list.retain(|c| c.job_id != job_id);
+            m.count -= before - list.len();
             if list.is_empty() {
-                m.remove(thing);
+                m.by_thing.remove(thing);
             }
         }
     }
@@ -965,7 +980,13 @@ mod tests {
         assert_eq!(version("t3", "job-last"), Some(1));
         plane.forget_execution("t2", "job-a");
         assert_eq!(version("t2", "job-a"), None);
-        assert!(plane.executions.lock().is_ok_and(|m| !m.contains_key("t2")));
+        assert!(
+            plane
+                .executions
+                .lock()
+                .is_ok_and(|m| !m.by_thing.contains_key("t2") && m.count == 1 + 8),
+            "t1's job-b and t3's eight"
+        );
     }
 
     #[test]

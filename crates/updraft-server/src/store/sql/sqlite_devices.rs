@@ -3,7 +3,7 @@
 //!
 //! Every device write is a small transaction, and SQLite serializes commits. So the writes
 //! wait in one queue, and the first caller to find nobody committing commits them (flat
-//! combining): unless [`GATHER_BELOW`] writes already wait, it first lets the tasks ready
+//! combining): unless [`GATHER_BELOW`] requests already wait, it first lets the tasks ready
 //! on its thread run ([`tokio::task::yield_now`]: the devices the last batch answered send
 //! their next writes in that time); then it commits every write waiting (up to
 //! [`MAX_BATCH`]) in one transaction and answers their callers. If writes came meanwhile,
@@ -55,6 +55,8 @@ const MAX_BATCH: usize = 256;
 /// A committer that finds fewer requests than this waiting lets the tasks ready on its
 /// thread run first, to commit their writes with them (see [`Committing`]).
 const GATHER_BELOW: usize = 8;
+/// The most batches a committer commits without yielding.
+const UNYIELDED: usize = 2;
 /// How long the blocking thread waits for the write lock another connection holds.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The log's length (in pages) past which a commit is followed by a checkpoint, on the
@@ -230,12 +232,18 @@ impl Committing {
         let Some(shared) = self.shared.clone() else {
             return;
         };
+        // Batches committed since this task last yielded.
+        let mut unyielded = 0;
         loop {
-            // Fewer than `GATHER_BELOW` writes waiting: the tasks ready on this thread run
-            // first, and the writes they bring are committed with these.
-            if shared.queue().requests.len() < GATHER_BELOW {
+            // Fewer than `GATHER_BELOW` requests waiting: the tasks ready on this thread run
+            // first, and the writes they bring are committed with these. Otherwise they are
+            // committed at once, but never more than `UNYIELDED` batches in a row: the tasks
+            // this one wakes may wait where no other thread can take them (tokio's LIFO slot).
+            if unyielded >= UNYIELDED || shared.queue().requests.len() < GATHER_BELOW {
                 tokio::task::yield_now().await;
+                unyielded = 0;
             }
+            unyielded += 1;
             let handed_off = {
                 let mut conn = shared.conn();
                 match conn.as_mut() {
