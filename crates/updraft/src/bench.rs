@@ -58,9 +58,9 @@ pub struct JobsArgs {
     rounds: usize,
     /// Measure the Jobs API and the request/response it is compared with this many times,
     /// alternately, and print the medians (with the spread): one short run is noisy (±10 %
-    /// and more). An odd count gives a true median (of an even one, the upper of the two
-    /// middle runs).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    /// and more, the first often lowest), a median of five still varies by ±4 %. An odd
+    /// count gives a true median (of an even one, the upper of the two middle runs).
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]
     repeat: u16,
 }
 

@@ -66,10 +66,10 @@ fn bench_jobs_once_prints_no_spread() {
 }
 
 #[test]
-fn bench_jobs_takes_the_median_of_five_runs_by_default() {
+fn bench_jobs_takes_the_median_of_nine_runs_by_default() {
     let out = bench(&["jobs", "--devices", "2", "--rounds", "1"]);
-    assert!(out.contains("5 runs of each, alternately"), "{out}");
-    assert!(out.contains("median of 5"), "{out}");
+    assert!(out.contains("9 runs of each, alternately"), "{out}");
+    assert!(out.contains("median of 9"), "{out}");
 }
 
 #[test]
