@@ -232,9 +232,9 @@ impl<K: Hash + Eq, V: Clone> Recent<K, V> {
 /// written by another.
 const CLOCK_SKEW_MS: i64 = 1_000;
 
-/// Executions the cache holds before it starts over (it is only a starting point), and
-/// executions it holds per thing (the oldest out first).
+/// Executions the cache holds before it starts over (it is only a starting point).
 const MAX_CACHED_EXECUTIONS: usize = 200_000;
+/// Executions the cache holds per thing (the oldest out first).
 const MAX_CACHED_PER_THING: usize = 8;
 
 /// (bucket, key, version id) of an object version.
@@ -981,10 +981,9 @@ mod tests {
         plane.forget_execution("t2", "job-a");
         assert_eq!(version("t2", "job-a"), None);
         assert!(
-            plane
-                .executions
-                .lock()
-                .is_ok_and(|m| !m.by_thing.contains_key("t2") && m.count == 1 + 8),
+            plane.executions.lock().is_ok_and(
+                |m| !m.by_thing.contains_key("t2") && m.count == 1 + MAX_CACHED_PER_THING
+            ),
             "t1's job-b and t3's eight"
         );
     }

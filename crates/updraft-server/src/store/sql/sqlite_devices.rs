@@ -21,7 +21,9 @@
 //! ([`tokio::task::spawn_blocking`]), which checkpoints or waits for the lock (up to
 //! [`BUSY_TIMEOUT`]) and commits what is waiting until the queue is empty; meanwhile callers
 //! leave their writes to it. A batch is still run on the runtime's thread (at most
-//! [`MAX_BATCH`] writes of a few microseconds each).
+//! [`MAX_BATCH`] writes of a few microseconds each). One exception, at shutdown only: while
+//! [`DeviceDb::close`] commits the last writes (waiting for the lock if need be), a
+//! committer on the runtime waits for the connection.
 //!
 //! Why not through sqlx: sqlx runs each SQLite connection on a thread of its own and hands
 //! every statement, every result and every row between that thread and its caller. A batch
@@ -258,7 +260,7 @@ impl Committing {
             if let Some(why) = handed_off {
                 queue.committer = Committer::Blocking;
                 drop(queue);
-                Shared::hand_off(&shared, Some(why));
+                Shared::hand_off(&shared, why);
                 break;
             }
             if queue.requests.is_empty() {
@@ -317,11 +319,27 @@ impl Shared {
 
     /// The connection goes to a blocking thread (see the module's notes), which commits
     /// what is waiting until the queue is empty (after the checkpoint, if that is `why`).
-    fn hand_off(shared: &Arc<Shared>, why: Option<HandOff>) {
-        let shared = shared.clone();
+    fn hand_off(shared: &Arc<Shared>, why: HandOff) {
+        /// Drains when run, or, dropped unrun (the runtime shutting down), where dropped.
+        struct Drainer(Option<Arc<Shared>>, HandOff);
+        impl Drainer {
+            fn run(mut self) {
+                if let Some(shared) = self.0.take() {
+                    shared.drain(Some(self.1));
+                }
+            }
+        }
+        impl Drop for Drainer {
+            fn drop(&mut self) {
+                if let Some(shared) = self.0.take() {
+                    shared.drain(Some(self.1));
+                }
+            }
+        }
+        let drainer = Drainer(Some(shared.clone()), why);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || shared.drain(why))),
-            Err(_) => shared.drain(why),
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drainer.run())),
+            Err(_) => drainer.run(),
         }
     }
 
@@ -329,26 +347,33 @@ impl Shared {
     /// time, until the queue is empty; then nobody commits. Called where waiting is fine:
     /// on the blocking thread, or when nothing else can go on.
     fn drain(self: &Arc<Shared>, why: Option<HandOff>) {
-        /// A panic here must not leave the writes waiting to nobody.
-        struct Release<'a>(&'a Arc<Shared>);
+        /// Unless it finished, the writes waiting must not be left to nobody (a panic).
+        struct Release<'a> {
+            shared: &'a Arc<Shared>,
+            done: bool,
+        }
         impl Drop for Release<'_> {
             fn drop(&mut self) {
-                if std::thread::panicking() {
-                    tracing::error!("device writes: committing panicked");
-                    // A task goes on; without a runtime the next caller does.
-                    let runtime = tokio::runtime::Handle::try_current().is_ok();
-                    self.0.queue().committer = if runtime {
-                        Committer::Caller
-                    } else {
-                        Committer::Nobody
-                    };
-                    if runtime {
-                        Shared::go_on(self.0);
-                    }
+                if self.done {
+                    return;
+                }
+                tracing::error!("device writes: committing panicked");
+                // A task goes on; without a runtime the next caller does.
+                let runtime = tokio::runtime::Handle::try_current().is_ok();
+                self.shared.queue().committer = if runtime {
+                    Committer::Caller
+                } else {
+                    Committer::Nobody
+                };
+                if runtime {
+                    Shared::go_on(self.shared);
                 }
             }
         }
-        let _release = Release(self);
+        let mut release = Release {
+            shared: self,
+            done: false,
+        };
         let mut conn = self.conn();
         if why == Some(HandOff::Checkpoint)
             && let Some(c) = conn.as_ref()
@@ -368,6 +393,7 @@ impl Shared {
                 break;
             }
         }
+        release.done = true;
     }
 
     /// Copies the log back into the database, between the connection's transactions: the
@@ -975,6 +1001,11 @@ mod tests {
             within_a_minute(&current_thread(), async {
                 for t in &names {
                     assert_eq!(started(db.write(start_next(t, 2)).await), Some(2));
+                }
+                // The last checkpoint runs on the blocking thread after its caller is
+                // answered.
+                while db.shared.queue().committer != Committer::Nobody {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             });
             assert_eq!(commits.load(Ordering::Relaxed), 30);
