@@ -251,6 +251,15 @@ pub trait StreamStore: Send + Sync {
     async fn delete_stream(&self, id: &str) -> StoreResult<()>;
 }
 
+/// The outcome of a one-write [`JobStore::device_writes`].
+pub(crate) fn only_outcome(
+    mut outcomes: Vec<DeviceWriteOutcome>,
+) -> StoreResult<DeviceWriteOutcome> {
+    outcomes
+        .pop()
+        .ok_or_else(|| StoreError::Invalid("the store answered no outcome".into()))
+}
+
 /// Jobs and job executions.
 #[async_trait]
 pub trait JobStore: Send + Sync {
@@ -326,10 +335,7 @@ pub trait JobStore: Send + Sync {
 
     /// One device write in its own transaction.
     async fn device_write(&self, write: DeviceWrite) -> StoreResult<DeviceWriteOutcome> {
-        self.device_writes(std::slice::from_ref(&write))
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::Invalid("the store answered no outcome".into()))
+        only_outcome(self.device_writes(std::slice::from_ref(&write)).await?)
     }
 
     /// Deletes one execution. Without `force`, refuses a non-terminal one.

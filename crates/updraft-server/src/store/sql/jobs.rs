@@ -443,14 +443,12 @@ impl JobStore for SqlStore {
         }
     }
 
+    /// [`JobStore::device_writes`] of one write, handed over without a copy.
     async fn device_write(&self, write: DeviceWrite) -> StoreResult<DeviceWriteOutcome> {
-        let mut outcomes = match &self.devices {
+        crate::store::only_outcome(match &self.devices {
             Some(db) => db.write(vec![write]).await?,
             None => self.device_batch(std::slice::from_ref(&write)).await?,
-        };
-        outcomes
-            .pop()
-            .ok_or_else(|| StoreError::Invalid("the store answered no outcome".into()))
+        })
     }
 
     async fn delete_execution(

@@ -320,26 +320,19 @@ impl Shared {
     /// The connection goes to a blocking thread (see the module's notes), which commits
     /// what is waiting until the queue is empty (after the checkpoint, if that is `why`).
     fn hand_off(shared: &Arc<Shared>, why: HandOff) {
-        /// Drains when run, or, dropped unrun (the runtime shutting down), where dropped.
-        struct Drainer(Option<Arc<Shared>>, HandOff);
-        impl Drainer {
-            fn run(mut self) {
-                if let Some(shared) = self.0.take() {
-                    shared.drain(Some(self.1));
-                }
-            }
-        }
+        /// Drains when dropped: by the blocking task that runs, or, dropped unrun (the
+        /// runtime shutting down), wherever it is dropped.
+        struct Drainer(Arc<Shared>, HandOff);
         impl Drop for Drainer {
             fn drop(&mut self) {
-                if let Some(shared) = self.0.take() {
-                    shared.drain(Some(self.1));
-                }
+                self.0.drain(Some(self.1));
             }
         }
-        let drainer = Drainer(Some(shared.clone()), why);
+        let drainer = Drainer(shared.clone(), why);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || drainer.run())),
-            Err(_) => drainer.run(),
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(drainer))),
+            // Without a runtime, here.
+            Err(_) => drop(drainer),
         }
     }
 
@@ -480,7 +473,6 @@ impl Shared {
         may_wait: bool,
     ) -> Result<(), Vec<Request>> {
         LOG_FRAMES.set(0);
-        let size: usize = batch.iter().map(|(w, _)| w.len()).sum();
         let writes: Vec<&DeviceWrite> = batch.iter().flat_map(|(w, _)| w).collect();
         let e = match apply(conn, &writes, &self.commits) {
             Ok(outcomes) => {
@@ -493,6 +485,7 @@ impl Shared {
             Err(e) => e,
         };
         settle(conn);
+        let size = writes.len();
         match busy(&e) {
             Some(_) if !may_wait => return Err(batch),
             // The database stayed locked for the whole busy timeout: writing singly would
@@ -647,34 +640,45 @@ fn apply(conn: &mut Connection, writes: &[&DeviceWrite], commits: &AtomicU64) ->
     Ok(outcomes)
 }
 
-/// The first `limit` executions of thing `?1` in `status` (QUEUED or IN_PROGRESS), by queue
-/// time. The status is a literal: SQLite then reads them from the partial index of open
-/// executions (migration 5), which it uses only for a term of the index's own.
-fn pending_query(status: ExecutionStatus, limit: usize) -> String {
+/// Thing `?1`'s executions in `status` (QUEUED or IN_PROGRESS), by queue time. The status
+/// is a literal: SQLite then reads them from the partial index of open executions
+/// (migration 5), which it uses only for a term of the index's own. The texts are made
+/// once (the statement cache looks them up by text on every read).
+fn pending_query(status: ExecutionStatus) -> &'static str {
+    static TEXTS: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+        [ExecutionStatus::InProgress, ExecutionStatus::Queued].map(|status| {
+            format!(
+                "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = ?1 \
+                 AND status = '{}' ORDER BY queued_ms, job_id",
+                status.as_str()
+            )
+        })
+    });
     debug_assert!(
         !status.is_terminal(),
         "the partial index holds open executions only"
     );
-    format!(
-        "SELECT {EXECUTION_COLUMNS} FROM job_executions WHERE thing_name = ?1 \
-         AND status = '{}' ORDER BY queued_ms, job_id LIMIT {limit}",
-        status.as_str()
-    )
+    let [in_progress, queued] = &*TEXTS;
+    if status == ExecutionStatus::InProgress {
+        in_progress
+    } else {
+        queued
+    }
 }
 
 /// `thing`'s pending executions, IN_PROGRESS first, then QUEUED, each by queue time: at
-/// most `limit` (each status read in index order and cut there; the limit is in the text,
-/// which the statement cache keys on).
+/// most `limit` (each status read in index order, and no further than needed).
 fn pending(conn: &Connection, thing: &str, limit: usize) -> StoreResult<Vec<JobExecution>> {
     let mut list = Vec::new();
     for status in [ExecutionStatus::InProgress, ExecutionStatus::Queued] {
-        let left = limit - list.len();
-        if left == 0 {
+        if list.len() == limit {
             break;
         }
-        let mut statement = conn.prepare_cached(&pending_query(status, left))?;
+        let mut statement = conn.prepare_cached(pending_query(status))?;
         let mut rows = statement.query(params![thing])?;
-        while let Some(row) = rows.next()? {
+        while list.len() < limit
+            && let Some(row) = rows.next()?
+        {
             let columns: ExecutionColumns = (
                 row.get(0)?,
                 row.get(1)?,
@@ -699,9 +703,21 @@ mod tests {
     use super::*;
     use crate::test_support::ScratchDir;
 
-    /// A migrated database file in `dir` holding one QUEUED execution for each of `things`,
-    /// and its device-write connection, checkpointing the log past `frames` pages.
-    fn database(dir: &ScratchDir, things: &[String], frames: i32) -> (DeviceDb, Arc<AtomicU64>) {
+    /// A migrated database in a scratch directory of its own, holding one QUEUED execution
+    /// for each of `names`, and its device-write connection.
+    struct Fixture {
+        dir: ScratchDir,
+        names: Vec<String>,
+        db: Arc<DeviceDb>,
+        /// The transactions `db` committed.
+        commits: Arc<AtomicU64>,
+    }
+
+    /// A [`Fixture`] of `count` things (`thing-0`, …) whose connection checkpoints the log
+    /// past `frames` pages.
+    fn fixture(tag: &str, count: usize, frames: i32) -> Fixture {
+        let dir = ScratchDir::new(tag);
+        let names: Vec<String> = (0..count).map(|i| format!("thing-{i}")).collect();
         let path = dir.path().join("devices.db");
         let conn = Connection::open(&path).expect("database");
         conn.execute_batch("PRAGMA journal_mode=WAL").expect("WAL");
@@ -709,7 +725,7 @@ mod tests {
             conn.execute_batch(&super::super::Dialect::Sqlite.schema(sql))
                 .expect("migration");
         }
-        for t in things {
+        for t in &names {
             conn.execute(
                 "INSERT INTO job_executions (job_id, thing_name, execution_number, status, \
                  force_canceled, status_details, queued_ms, updated_ms, version, \
@@ -724,11 +740,20 @@ mod tests {
         let commits = Arc::new(AtomicU64::new(0));
         let db = DeviceDb::open_checkpointing_at(&path, None, commits.clone(), frames)
             .expect("device writes");
-        (db, commits)
+        Fixture {
+            dir,
+            names,
+            db: Arc::new(db),
+            commits,
+        }
     }
 
-    fn things(count: usize) -> Vec<String> {
-        (0..count).map(|i| format!("thing-{i}")).collect()
+    /// Waits until nobody commits (the blocking thread answers its callers before it lets
+    /// go of the queue).
+    async fn let_go(db: &DeviceDb) {
+        while db.shared.queue().committer != Committer::Nobody {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A StartNext for `thing` at `now_ms`.
@@ -839,8 +864,8 @@ mod tests {
         let head = "job_executions_pending (status=? AND thing_name=?)";
         let cases = [
             (START_NEXT.to_owned(), 2),
-            (pending_query(ExecutionStatus::InProgress, 1), 1),
-            (pending_query(ExecutionStatus::Queued, 10), 1),
+            (pending_query(ExecutionStatus::InProgress).to_owned(), 1),
+            (pending_query(ExecutionStatus::Queued).to_owned(), 1),
         ];
         for (sql, reads) in cases {
             let steps = plan(&conn, &sql);
@@ -869,20 +894,16 @@ mod tests {
 
     #[test]
     fn writers_ready_together_share_one_commit() {
-        let dir = ScratchDir::new("combine");
-        let names = things(20);
-        let (db, commits) = database(&dir, &names, CHECKPOINT_FRAMES);
-        let outcomes = at_once(&Arc::new(db), &commits, &names);
+        let f = fixture("combine", 20, CHECKPOINT_FRAMES);
+        let outcomes = at_once(&f.db, &f.commits, &f.names);
         assert!(outcomes.iter().all(|o| *o == (Some(2), 1)), "{outcomes:?}");
-        assert_eq!(commits.load(Ordering::Relaxed), 1);
+        assert_eq!(f.commits.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn a_caller_commits_one_batch_and_leaves_the_rest_to_a_task() {
-        let dir = ScratchDir::new("combine-fair");
-        let names = things(MAX_BATCH + 20);
-        let (db, commits) = database(&dir, &names, CHECKPOINT_FRAMES);
-        let outcomes = at_once(&Arc::new(db), &commits, &names);
+        let f = fixture("combine-fair", MAX_BATCH + 20, CHECKPOINT_FRAMES);
+        let outcomes = at_once(&f.db, &f.commits, &f.names);
         // The first caller is answered once its batch (the first MAX_BATCH writes) is
         // committed, not after the writes that queued meanwhile.
         assert_eq!(outcomes[0], (Some(2), 1));
@@ -890,25 +911,23 @@ mod tests {
             outcomes[MAX_BATCH..].iter().all(|o| *o == (Some(2), 2)),
             "{outcomes:?}"
         );
-        assert_eq!(commits.load(Ordering::Relaxed), 2);
+        assert_eq!(f.commits.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn many_writers_on_two_threads_are_all_answered_in_their_own_order() {
-        let dir = ScratchDir::new("combine-mt");
-        let names = things(40);
-        let (db, commits) = database(&dir, &names, CHECKPOINT_FRAMES);
-        let db = Arc::new(db);
+        let f = fixture("combine-mt", 40, CHECKPOINT_FRAMES);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
         let answers = within_a_minute(&runtime, async {
-            let tasks: Vec<_> = names
+            let tasks: Vec<_> = f
+                .names
                 .iter()
                 .map(|t| {
-                    let (db, t) = (db.clone(), t.clone());
+                    let (db, t) = (f.db.clone(), t.clone());
                     tokio::spawn(async move {
                         // The first starts the thing's job, the second finds it started.
                         let first = started(db.write(start_next(&t, 2)).await);
@@ -929,19 +948,18 @@ mod tests {
         );
         // Forty tasks ready at once on two threads: some of their writes were committed
         // together.
-        let commits = commits.load(Ordering::Relaxed);
+        let commits = f.commits.load(Ordering::Relaxed);
         assert!(commits < 80, "{commits} commits for 80 writes");
     }
 
     #[test]
     fn a_committer_whose_caller_gives_up_leaves_one_in_its_place() {
-        let dir = ScratchDir::new("combine-cancel");
-        let names = things(2);
-        let (db, _) = database(&dir, &names, CHECKPOINT_FRAMES);
+        let f = fixture("combine-cancel", 2, CHECKPOINT_FRAMES);
+        let (db, names) = (&f.db, &f.names);
         within_a_minute(&current_thread(), async {
             // Polled once (it queues its write, becomes the committer and lets other tasks
             // run), then dropped.
-            drop(queued(&db, start_next(&names[0], 2)));
+            drop(queued(db, start_next(&names[0], 2)));
             // The next caller is answered, and the write of the one that gave up committed.
             let second = start_next(&names[1], 3);
             assert_eq!(started(db.write(second).await), Some(3));
@@ -952,9 +970,7 @@ mod tests {
 
     #[test]
     fn while_another_connection_holds_the_database_the_runtime_goes_on() {
-        let dir = ScratchDir::new("combine-locked");
-        let names = things(1);
-        let (db, _) = database(&dir, &names, CHECKPOINT_FRAMES);
+        let Fixture { dir, names, db, .. } = fixture("combine-locked", 1, CHECKPOINT_FRAMES);
         let other = Connection::open(dir.path().join("devices.db")).expect("another connection");
         other
             .execute_batch("BEGIN IMMEDIATE")
@@ -966,7 +982,7 @@ mod tests {
         });
         within_a_minute(&current_thread(), async {
             let write = tokio::spawn({
-                let db = Arc::new(db);
+                let db = db.clone();
                 let t = names[0].clone();
                 async move { (db.write(start_next(&t, 2)).await, db) }
             });
@@ -979,11 +995,8 @@ mod tests {
             release.send(()).expect("release");
             let (outcome, db) = write.await.expect("the writer");
             assert_eq!(started(outcome), Some(2));
-            // The blocking thread lets go (it answers before it does): then the next write
-            // commits on the runtime again.
-            while db.shared.queue().committer != Committer::Nobody {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            // Once the blocking thread lets go, the next write commits on the runtime again.
+            let_go(&db).await;
             let next = db.write(start_next(&names[0], 3)).await;
             assert_eq!(started(next), Some(2));
             assert_eq!(db.shared.queue().committer, Committer::Nobody);
@@ -993,24 +1006,20 @@ mod tests {
 
     #[test]
     fn a_long_log_is_checkpointed_off_the_runtime_and_writes_go_on() {
-        let names = things(30);
-        // One write at a time, checkpointing past `frames`: the log's size, the checkpoints.
+        // 30 writes one at a time, checkpointing past `frames`: the log's size, the
+        // checkpoints.
         let run = |frames: i32| {
-            let dir = ScratchDir::new("combine-checkpoint");
-            let (db, commits) = database(&dir, &names, frames);
+            let f = fixture("combine-checkpoint", 30, frames);
             within_a_minute(&current_thread(), async {
-                for t in &names {
-                    assert_eq!(started(db.write(start_next(t, 2)).await), Some(2));
+                for t in &f.names {
+                    assert_eq!(started(f.db.write(start_next(t, 2)).await), Some(2));
                 }
-                // The last checkpoint runs on the blocking thread after its caller is
-                // answered.
-                while db.shared.queue().committer != Committer::Nobody {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                // The last checkpoint runs on the blocking thread.
+                let_go(&f.db).await;
             });
-            assert_eq!(commits.load(Ordering::Relaxed), 30);
-            let checkpoints = db.shared.checkpoints.load(Ordering::Relaxed);
-            (log_size(&dir), checkpoints)
+            assert_eq!(f.commits.load(Ordering::Relaxed), 30);
+            let checkpoints = f.db.shared.checkpoints.load(Ordering::Relaxed);
+            (log_size(&f.dir), checkpoints)
         };
         // Past one page, every commit is followed by a checkpoint, and the next commit
         // starts the log over: it stays as long as one commit's pages.
@@ -1025,14 +1034,12 @@ mod tests {
 
     #[test]
     fn closing_answers_what_was_queued_then_refuses() {
-        let dir = ScratchDir::new("combine-close");
-        let names = things(1);
-        let (db, _) = database(&dir, &names, CHECKPOINT_FRAMES);
-        let db = Arc::new(db);
+        let f = fixture("combine-close", 1, CHECKPOINT_FRAMES);
+        let (db, names) = (&f.db, &f.names);
         within_a_minute(&current_thread(), async {
             // Polled once: the write is queued, its caller committing lets others run; the
             // store closes with the write waiting.
-            let waiting = queued(&db, start_next(&names[0], 2));
+            let waiting = queued(db, start_next(&names[0], 2));
             assert_eq!(db.shared.queue().requests.len(), 1, "nothing waiting");
             db.close().await;
             assert_eq!(started(waiting.await), Some(2));
